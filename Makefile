@@ -1,0 +1,57 @@
+# unbounded-agent ops — build, package, test and demo.
+#   make release VERSION=1.2.3   dist/unbounded-agent-linux-amd64.tar.gz (and dist/unbounded-agent)
+#   make deb     VERSION=1.2.3   dist/unbounded-agent_<version>_all.deb, checked with lintian
+#   make test                    fast tests and the systemd test-host tests (needs root)
+#   make demo                    boots a test host, installs the .deb and shows what a user sees
+SHELL := /bin/bash
+VERSION ?= $(shell cat VERSION)
+DIST ?= dist
+PY := /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEB := $(DIST)/unbounded-agent_$(VERSION)_all.deb
+DEB_BUILD := build/deb
+
+.PHONY: all release deb venv test test-fast testhost-tree demo clean
+
+all: deb
+
+release:
+	$(PY) packaging/build_release.py --version $(VERSION) --out $(DIST)
+
+# dpkg-buildpackage wants debian/ at the top of a source tree: assemble one under build/.
+deb: release
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src/agent
+	cp -r pyproject.toml README.md bin units $(DEB_BUILD)/src/
+	echo $(VERSION) > $(DEB_BUILD)/src/VERSION
+	cp -r packaging/debian $(DEB_BUILD)/src/debian
+	$(PY) packaging/build_release.py --version $(VERSION) --out $(DIST) --stage-only $(DEB_BUILD)/src/lib
+	cp $(DIST)/unbounded-agent $(DEB_BUILD)/src/agent/unbounded-agent
+	$(PY) packaging/debian_changelog.py $(VERSION) > $(DEB_BUILD)/src/debian/changelog
+	# A clean PATH: the package must build with the distribution's python3, not another one first on PATH.
+	cd $(DEB_BUILD)/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b --no-sign >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+	cp $(DEB_BUILD)/unbounded-agent_$(VERSION)_all.deb $(DIST)/
+	lintian --fail-on error $(DEB)
+	@echo "built $(DEB)"
+
+$(VENV)/.ready: tests/requirements.txt
+	$(PY) -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install -q -r tests/requirements.txt
+	touch $@
+
+venv: $(VENV)/.ready
+
+testhost-tree: venv
+	$(VPY) tests/testhost_tree.py
+
+test: venv deb
+	$(VPY) -m pytest tests
+
+test-fast: venv
+	$(VPY) -m pytest tests -m "not testhost"
+
+demo: venv deb
+	$(VPY) tests/demo.py --deb $(DEB)
+
+clean:
+	rm -rf build $(DIST) $(VENV)

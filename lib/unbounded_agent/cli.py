@@ -1,0 +1,59 @@
+"""The `unbounded-agent` program: parses the command line and calls one module per subcommand.
+
+Heavy modules are imported inside the subcommand that needs them, so `version` stays instant.
+"""
+
+import argparse
+import json
+import sys
+
+from . import log
+from .reasons import OpsError
+
+
+def _cmd_version(args) -> int:
+    from .version import VERSION
+
+    print(f"unbounded-agent {VERSION}")
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from . import config, status
+
+    st = status.collect(config.load())
+    print(json.dumps(st, indent=2, sort_keys=True) if args.json else status.render(st))
+    return 0
+
+
+def _cmd_daemon(args) -> int:
+    from . import config, daemon
+
+    log.set_prefix("unbounded-agent-daemon")
+    return daemon.run(config.load())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unbounded-agent", description="The Unbounded cluster agent.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("version", help="print the version and exit").set_defaults(func=_cmd_version)
+    s = sub.add_parser("status", help="show slots, links, pending upgrade and daemon state")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_cmd_status)
+    sub.add_parser("daemon", help="run the agent daemon (started by unbounded-agent-daemon.service)").set_defaults(
+        func=_cmd_daemon
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OpsError as e:
+        log.error(str(e))
+        return e.reason.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Agent configuration: ``/etc/unbounded/agent/config.yaml`` (DESIGN.md §2).
+
+A missing file means all defaults. A malformed file is a clear ``InvalidConfig`` error, never a
+traceback, so a daemon with a bad config fails once with a readable journal line.
+"""
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+from .reasons import OpsError, Reason
+
+DEFAULT_CONFIG_PATH = "/etc/unbounded/agent/config.yaml"
+DEFAULT_BIN_DIR = "/var/lib/unbounded-agent/bin"
+DEFAULT_STATE_DIR = "/var/lib/unbounded-agent"
+
+# Environment overrides exist for tests and for hosts that keep the config elsewhere.
+ENV_CONFIG = "UNBOUNDED_AGENT_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    machine_name: str
+    kubeconfig: str | None
+    bin_dir: Path
+    state_dir: Path
+    source: str  # where the settings came from, for `status` and error messages
+
+
+# key in the file -> (attribute, accepted types)
+_KEYS = {
+    "machineName": ("machine_name", (str,)),
+    "kubeconfig": ("kubeconfig", (str,)),
+    "binDir": ("bin_dir", (str,)),
+    "stateDir": ("state_dir", (str,)),
+}
+
+
+def config_path() -> str:
+    return os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
+
+
+def load(path: str | None = None) -> Config:
+    path = path or config_path()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return _build({}, f"defaults ({path} absent)")
+    except OSError as e:
+        raise OpsError(Reason.INVALID_CONFIG, f"cannot read {path}: {e.strerror}") from None
+    return _build(parse(raw, path), path)
+
+
+def parse(raw: bytes, path: str) -> dict:
+    import yaml  # only paid for when a config file exists
+
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise OpsError(Reason.INVALID_CONFIG, f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OpsError(Reason.INVALID_CONFIG, f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _build(data: dict, source: str) -> Config:
+    values = {}
+    unknown = sorted(str(k) for k in data if k not in _KEYS)
+    if unknown:
+        # Refuse rather than ignore: a typo in a tunable must not silently fall back to a default.
+        raise OpsError(Reason.INVALID_CONFIG, f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
+    for key, (attr, types) in _KEYS.items():
+        if key not in data or data[key] is None:
+            continue
+        value = data[key]
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+            raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be a {types[0].__name__}, got {type(value).__name__}")
+        values[attr] = value
+    for key in ("binDir", "stateDir"):
+        attr = _KEYS[key][0]
+        if attr in values and not os.path.isabs(values[attr]):
+            raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be an absolute path, got {values[attr]!r}")
+    return Config(
+        machine_name=values.get("machine_name") or socket.gethostname(),
+        kubeconfig=values.get("kubeconfig"),
+        bin_dir=Path(values.get("bin_dir", DEFAULT_BIN_DIR)),
+        state_dir=Path(values.get("state_dir", DEFAULT_STATE_DIR)),
+        source=source,
+    )

@@ -1,0 +1,39 @@
+"""The one enumeration of failure reasons, shared by the CLI, the journal, state files and
+MachineOperation status (the reason of its ``Completed`` condition)."""
+
+import enum
+
+
+class Reason(str, enum.Enum):
+    SUCCEEDED = "Succeeded"
+    INVALID_CONFIG = "InvalidConfig"
+    INVALID_PARAMETERS = "InvalidParameters"
+    EXECUTION_FAILED = "ExecutionFailed"
+    UNSUPPORTED_OPERATION = "UnsupportedOperation"
+
+    @property
+    def exit_code(self) -> int:
+        return _EXIT_CODES[self]
+
+
+# Distinct exit codes let scripts tell failures apart without parsing messages; 0 is success,
+# 1 is left for unexpected errors (a Python traceback) and 2 for command-line usage errors.
+_EXIT_CODES = {
+    Reason.SUCCEEDED: 0,
+    Reason.INVALID_CONFIG: 3,
+    Reason.INVALID_PARAMETERS: 4,
+    Reason.EXECUTION_FAILED: 5,
+    Reason.UNSUPPORTED_OPERATION: 6,
+}
+
+
+class OpsError(Exception):
+    """A failure with a reason from the shared enumeration and a human message (already redacted)."""
+
+    def __init__(self, reason: Reason, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.message}"

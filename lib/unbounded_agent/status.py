@@ -1,0 +1,72 @@
+"""`unbounded-agent status`: what is installed, what runs, and what is in flight."""
+
+from . import layout, state, systemd
+from .config import Config
+from .version import VERSION
+
+
+def collect(cfg: Config) -> dict:
+    lay = layout.Layout(cfg.bin_dir)
+
+    def target(link: str) -> dict:
+        name = lay.link_target(link)
+        real = lay.resolves(link)
+        return {
+            "link": str(lay.path(link)),
+            "target": name,
+            "valid": real is not None,
+            "version": layout.binary_version(real) if real else None,
+        }
+
+    try:
+        pending = state.read_json(cfg.state_dir / state.UPGRADE_RECORD)
+    except ValueError as e:
+        pending = {"error": str(e)}
+
+    try:
+        daemon = systemd.unit_state(systemd.DAEMON_UNIT)
+    except systemd.SystemdUnavailable as e:
+        daemon = {"unit": systemd.DAEMON_UNIT, "error": str(e)}
+
+    return {
+        "version": VERSION,
+        "machine_name": cfg.machine_name,
+        "config": cfg.source,
+        "bin_dir": str(cfg.bin_dir),
+        "active_slot": lay.active_slot(),
+        "current": target(layout.CURRENT),
+        "last_good": target(layout.LAST_GOOD),
+        "pending_upgrade": pending,
+        "daemon": daemon,
+    }
+
+
+def render(st: dict) -> str:
+    def link_line(t: dict) -> str:
+        if t["target"] is None:
+            return "missing"
+        if not t["valid"]:
+            return f"{t['target']} (dangling or not executable)"
+        return f"{t['target']} (version {t['version'] or 'unknown'})"
+
+    d = st["daemon"]
+    if "error" in d:
+        daemon = f"unknown ({d['error']})"
+    else:
+        daemon = f"{d['active_state']} ({d['sub_state']})"
+        if d.get("main_pid"):
+            daemon += f", pid {d['main_pid']}"
+        if d["load_state"] != "loaded":
+            daemon = f"{d['load_state']}"
+    pending = st["pending_upgrade"]
+    rows = [
+        ("agent", f"unbounded-agent {st['version']}"),
+        ("machine", st["machine_name"]),
+        ("bin dir", st["bin_dir"]),
+        ("active slot", st["active_slot"] or "none"),
+        ("current", link_line(st["current"])),
+        ("last good", link_line(st["last_good"])),
+        ("upgrade", "none pending" if pending is None else str(pending)),
+        ("daemon", daemon),
+    ]
+    return "\n".join(f"{k + ':':<13}{v}" for k, v in rows)

@@ -1,0 +1,84 @@
+#!/usr/bin/python3
+"""Build the release: the `unbounded-agent` zipapp and the tarball that carries it.
+
+    build_release.py --version 1.2.3 --out dist/
+
+writes dist/unbounded-agent (the executable zipapp, also used by the Debian package) and
+dist/unbounded-agent-linux-amd64.tar.gz (exactly one member, `unbounded-agent`). The zipapp holds
+the pure-Python library with the version stamped in; C extensions (pystemd) come from the
+distribution's packages, so it runs with the system python3.
+"""
+
+import argparse
+import gzip
+import io
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import zipapp
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "lib" / "unbounded_agent"
+TARBALL = "unbounded-agent-linux-amd64.tar.gz"
+MEMBER = "unbounded-agent"
+# -I: a root daemon must not pick up modules from PYTHONPATH, the user site or the working directory.
+INTERPRETER = "/usr/bin/python3 -I"
+VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+~-]*$")  # also a valid Debian upstream version
+
+
+def stage_package(dest: Path, version: str) -> None:
+    """Copy the library into dest/unbounded_agent with the version stamped in."""
+    shutil.copytree(PACKAGE, dest / "unbounded_agent", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_stamp.py"))
+    (dest / "unbounded_agent" / "_stamp.py").write_text(f'VERSION = "{version}"\n')
+
+
+def build_zipapp(version: str, target: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stage_package(Path(tmp), version)
+        zipapp.create_archive(tmp, target, interpreter=INTERPRETER, main="unbounded_agent.cli:main", compressed=True)
+    target.chmod(0o755)
+
+
+def build_tarball(zipapp_path: Path, target: Path) -> None:
+    data = zipapp_path.read_bytes()
+    info = tarfile.TarInfo(MEMBER)
+    info.size = len(data)
+    info.mode = 0o755
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=info.mtime, filename="") as gz:
+        gz.write(raw.getvalue())
+    tmp.replace(target)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", required=True)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--stage-only", type=Path, help="only stage the stamped library into this directory (for the .deb)")
+    args = ap.parse_args()
+    if not VERSION_RE.match(args.version):
+        print(f"build_release: invalid version {args.version!r}: must start with a digit and use only [0-9A-Za-z.+~-]", file=sys.stderr)
+        return 2
+    if args.stage_only:
+        stage_package(args.stage_only, args.version)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    app = args.out / MEMBER
+    build_zipapp(args.version, app)
+    build_tarball(app, args.out / TARBALL)
+    print(f"built {args.out / TARBALL} (unbounded-agent {args.version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Config parsing: defaults, valid settings, and a clear InvalidConfig for every kind of bad file."""
+
+import pytest
+
+from unbounded_agent import config
+from unbounded_agent.reasons import OpsError, Reason
+
+
+def write(tmp_path, text):
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_missing_file_gives_defaults(tmp_path):
+    cfg = config.load(str(tmp_path / "absent.yaml"))
+    assert str(cfg.bin_dir) == config.DEFAULT_BIN_DIR
+    assert str(cfg.state_dir) == config.DEFAULT_STATE_DIR
+    assert cfg.machine_name  # the host name
+    assert "absent" in cfg.source
+
+
+def test_settings_are_read(tmp_path):
+    cfg = config.load(write(tmp_path, "machineName: worker-01\nbinDir: /usr/local/bin\nkubeconfig: /etc/k.conf\n"))
+    assert (cfg.machine_name, str(cfg.bin_dir), cfg.kubeconfig) == ("worker-01", "/usr/local/bin", "/etc/k.conf")
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert str(config.load(write(tmp_path, "")).bin_dir) == config.DEFAULT_BIN_DIR
+
+
+def test_env_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(config.ENV_CONFIG, write(tmp_path, "machineName: from-env\n"))
+    assert config.load().machine_name == "from-env"
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("machineName: [unclosed\n", "not valid YAML at line"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("machinename: typo\n", "unknown setting(s) machinename"),
+        ("machineName: 42\n", "machineName must be a str"),
+        ("binDir: relative/bin\n", "binDir must be an absolute path"),
+    ],
+)
+def test_bad_file_is_a_clear_error(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(OpsError) as e:
+        config.load(path)
+    assert e.value.reason is Reason.INVALID_CONFIG
+    assert words in e.value.message and path in e.value.message
+
+
+def test_unreadable_path_is_a_clear_error(tmp_path):
+    with pytest.raises(OpsError) as e:
+        config.load(str(tmp_path))  # a directory
+    assert e.value.reason is Reason.INVALID_CONFIG and "cannot read" in e.value.message
