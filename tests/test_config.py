@@ -56,3 +56,16 @@ def test_unreadable_path_is_a_clear_error(tmp_path):
     with pytest.raises(OpsError) as e:
         config.load(str(tmp_path))  # a directory
     assert e.value.reason is Reason.INVALID_CONFIG and "cannot read" in e.value.message
+
+
+def test_tunables_are_typed_and_positive(tmp_path):
+    cfg = config.load(write(tmp_path, "probationSeconds: 2.5\nmaxArchiveBytes: 1048576\nallowInsecureHTTP: true\n"))
+    assert (cfg.probation_seconds, cfg.max_archive_bytes, cfg.allow_insecure_http) == (2.5, 1 << 20, True)
+    for text, words in [
+        ("maxArchiveBytes: true\n", "must be a int"),
+        ("probationSeconds: 0\n", "greater than 0"),
+        ("allowInsecureHTTP: 'yes'\n", "must be a bool"),
+    ]:
+        with pytest.raises(OpsError) as e:
+            config.load(write(tmp_path, text))
+        assert words in e.value.message

@@ -25,7 +25,17 @@ class Config:
     kubeconfig: str | None
     bin_dir: Path
     state_dir: Path
-    source: str  # where the settings came from, for `status` and error messages
+    # AgentUpgrade tunables
+    allow_insecure_http: bool = False
+    max_archive_bytes: int = 256 << 20
+    max_extracted_bytes: int = 256 << 20
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 30.0
+    download_deadline_seconds: float = 600.0
+    preflight_timeout_seconds: float = 30.0
+    ready_timeout_seconds: float = 60.0
+    probation_seconds: float = 10.0
+    source: str = ""  # where the settings came from, for `status` and error messages
 
 
 # key in the file -> (attribute, accepted types)
@@ -34,7 +44,17 @@ _KEYS = {
     "kubeconfig": ("kubeconfig", (str,)),
     "binDir": ("bin_dir", (str,)),
     "stateDir": ("state_dir", (str,)),
+    "allowInsecureHTTP": ("allow_insecure_http", (bool,)),
+    "maxArchiveBytes": ("max_archive_bytes", (int,)),
+    "maxExtractedBytes": ("max_extracted_bytes", (int,)),
+    "connectTimeoutSeconds": ("connect_timeout_seconds", (int, float)),
+    "readTimeoutSeconds": ("read_timeout_seconds", (int, float)),
+    "downloadDeadlineSeconds": ("download_deadline_seconds", (int, float)),
+    "preflightTimeoutSeconds": ("preflight_timeout_seconds", (int, float)),
+    "readyTimeoutSeconds": ("ready_timeout_seconds", (int, float)),
+    "probationSeconds": ("probation_seconds", (int, float)),
 }
+_PATHS = ("binDir", "stateDir")
 
 
 def config_path() -> str:
@@ -79,17 +99,16 @@ def _build(data: dict, source: str) -> Config:
         if key not in data or data[key] is None:
             continue
         value = data[key]
-        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+        # bool is an int in Python: `maxArchiveBytes: true` must not pass as 1.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be a {types[0].__name__}, got {type(value).__name__}")
+        if key in _PATHS and not os.path.isabs(value):
+            raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be an absolute path, got {value!r}")
+        if types[0] in (int, float) and value <= 0:
+            raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be greater than 0, got {value}")
         values[attr] = value
-    for key in ("binDir", "stateDir"):
-        attr = _KEYS[key][0]
-        if attr in values and not os.path.isabs(values[attr]):
-            raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be an absolute path, got {values[attr]!r}")
-    return Config(
-        machine_name=values.get("machine_name") or socket.gethostname(),
-        kubeconfig=values.get("kubeconfig"),
-        bin_dir=Path(values.get("bin_dir", DEFAULT_BIN_DIR)),
-        state_dir=Path(values.get("state_dir", DEFAULT_STATE_DIR)),
-        source=source,
-    )
+    values["machine_name"] = values.get("machine_name") or socket.gethostname()
+    values["bin_dir"] = Path(values.get("bin_dir", DEFAULT_BIN_DIR))
+    values["state_dir"] = Path(values.get("state_dir", DEFAULT_STATE_DIR))
+    values.setdefault("kubeconfig", None)
+    return Config(source=source, **values)

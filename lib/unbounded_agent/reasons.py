@@ -10,6 +10,15 @@ class Reason(str, enum.Enum):
     INVALID_PARAMETERS = "InvalidParameters"
     EXECUTION_FAILED = "ExecutionFailed"
     UNSUPPORTED_OPERATION = "UnsupportedOperation"
+    # AgentUpgrade
+    DOWNLOAD_FAILED = "DownloadFailed"
+    CHECKSUM_MISMATCH = "ChecksumMismatch"
+    INVALID_ARCHIVE = "InvalidArchive"
+    INSUFFICIENT_SPACE = "InsufficientSpace"
+    PREFLIGHT_FAILED = "PreflightFailed"
+    DAEMON_FAILED = "DaemonFailed"
+    UPGRADE_IN_PROGRESS = "UpgradeInProgress"
+    QUARANTINED = "Quarantined"
 
     @property
     def exit_code(self) -> int:
@@ -24,6 +33,14 @@ _EXIT_CODES = {
     Reason.INVALID_PARAMETERS: 4,
     Reason.EXECUTION_FAILED: 5,
     Reason.UNSUPPORTED_OPERATION: 6,
+    Reason.DOWNLOAD_FAILED: 10,
+    Reason.CHECKSUM_MISMATCH: 11,
+    Reason.INVALID_ARCHIVE: 12,
+    Reason.INSUFFICIENT_SPACE: 13,
+    Reason.PREFLIGHT_FAILED: 14,
+    Reason.DAEMON_FAILED: 15,
+    Reason.UPGRADE_IN_PROGRESS: 16,
+    Reason.QUARANTINED: 17,
 }
 
 
