@@ -12,17 +12,22 @@ VPY := $(VENV)/bin/python
 DEB := $(DIST)/unbounded-agent_$(VERSION)_all.deb
 DEB_BUILD := build/deb
 
-.PHONY: all release deb venv test test-fast testhost-tree demo clean
+.PHONY: all setup release deb venv test test-fast testhost-tree demo clean
 
 all: deb
 
+# Installs missing apt packages (as root); quick when all are present.
+setup:
+	bash packaging/setup-host.sh
+
 release:
-	$(PY) packaging/build_release.py --version $(VERSION) --out $(DIST)
+	$(PY) packaging/build_release.py --version '$(VERSION)' --out '$(DIST)'
 
 # dpkg-buildpackage wants debian/ at the top of a source tree: assemble one under build/.
-deb: release
+deb: setup release
 	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src/agent
 	cp -r pyproject.toml README.md bin units $(DEB_BUILD)/src/
+	mkdir -p $(DEB_BUILD)/src/packaging && cp -r packaging/man $(DEB_BUILD)/src/packaging/
 	echo $(VERSION) > $(DEB_BUILD)/src/VERSION
 	cp -r packaging/debian $(DEB_BUILD)/src/debian
 	$(PY) packaging/build_release.py --version $(VERSION) --out $(DIST) --stage-only $(DEB_BUILD)/src/lib
@@ -34,7 +39,7 @@ deb: release
 	lintian --fail-on error $(DEB)
 	@echo "built $(DEB)"
 
-$(VENV)/.ready: tests/requirements.txt
+$(VENV)/.ready: tests/requirements.txt | setup
 	$(PY) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q -r tests/requirements.txt
 	touch $@
@@ -45,7 +50,7 @@ testhost-tree: venv
 	$(VPY) tests/testhost_tree.py
 
 test: venv deb
-	$(VPY) -m pytest tests
+	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest tests
 
 test-fast: venv
 	$(VPY) -m pytest tests -m "not testhost"
