@@ -36,10 +36,15 @@ def stage_package(dest: Path, version: str) -> None:
     (dest / "unbounded_agent" / "_stamp.py").write_text(f'VERSION = "{version}"\n')
 
 
+# zipapp's own generated __main__ ignores main()'s return value: every command would exit 0.
+MAIN = "import sys\n\nfrom unbounded_agent.cli import main\n\nsys.exit(main())\n"
+
+
 def build_zipapp(version: str, target: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stage_package(Path(tmp), version)
-        zipapp.create_archive(tmp, target, interpreter=INTERPRETER, main="unbounded_agent.cli:main", compressed=True)
+        (Path(tmp) / "__main__.py").write_text(MAIN)
+        zipapp.create_archive(tmp, target, interpreter=INTERPRETER, compressed=True)
     target.chmod(0o755)
 
 

@@ -153,7 +153,10 @@ def version(repo_root) -> str:
 @pytest.fixture(scope="session")
 def deb_path(repo_root, dist_dir, version) -> Path:
     """The .deb of the tree under test. `make test` builds it just before and says so in
-    UNBOUNDED_TESTS_DEB_FRESH; a lone pytest run rebuilds it, so a stale package is never tested."""
+    UNBOUNDED_TESTS_DEB_FRESH; a lone pytest run rebuilds it, so a stale package is never tested.
+    UNBOUNDED_AGENT_DEB names a package built elsewhere (e.g. by parallel runs with their own DIST)."""
+    if os.environ.get("UNBOUNDED_AGENT_DEB"):
+        return Path(os.environ["UNBOUNDED_AGENT_DEB"])
     deb = dist_dir / f"unbounded-agent_{version}_all.deb"
     if not (os.environ.get("UNBOUNDED_TESTS_DEB_FRESH") and deb.exists()):
         r = subprocess.run(["make", "-s", "deb"], cwd=repo_root, capture_output=True, text=True)

@@ -50,3 +50,16 @@ def test_agent_starts_without_heavy_imports(repo_root, tmp_path):
          "print(sorted(m for m in ('kubernetes','requests','pystemd','yaml','pyroute2') if m in sys.modules))"],
         capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["unbounded-agent 2.0.0", "[]"]
+
+
+def test_failures_reach_the_exit_code(repo_root, tmp_path):
+    # a bad config is an OpsError inside main(): the zipapp must exit with its reason's code
+    tarball = build_release(repo_root, tmp_path, "2.0.1")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path)
+    bad = tmp_path / "config.yaml"
+    bad.write_text("binDir: relative\n")
+    r = subprocess.run([str(tmp_path / "unbounded-agent"), "status"], capture_output=True, text=True,
+                       env={"UNBOUNDED_AGENT_CONFIG": str(bad), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 3, r
+    assert "InvalidConfig" in r.stderr and "binDir must be an absolute path" in r.stderr

@@ -7,14 +7,13 @@ import pytest
 
 
 @pytest.mark.testhost
-def test_every_unit_verifies_on_the_test_host(testhost, deb_path, repo_root):
-    testhost.install_deb(deb_path)
+def test_every_unit_verifies_on_the_test_host(installed_host, repo_root):
     units = sorted(p.name for p in (repo_root / "units").iterdir())
     assert "unbounded-agent-daemon.service" in units
     for name in units:
         # a template is verified through an instance of it
         arg = name.replace("@.", "@example.") if "@." in name else f"/lib/systemd/system/{name}"
-        r = testhost.run(["systemd-analyze", "verify", arg], check=False)
+        r = installed_host.run(["systemd-analyze", "verify", arg], check=False)
         # verify prints problems on stderr and exits non-zero on errors
         assert r.returncode == 0 and r.stderr.strip() == "", f"{name}: {r.stderr}"
 

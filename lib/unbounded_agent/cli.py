@@ -33,6 +33,12 @@ def _cmd_daemon(args) -> int:
     return daemon.run(config.load())
 
 
+def _cmd_reset(args) -> int:
+    from . import resetctl
+
+    return resetctl.command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unbounded-agent", description="The Unbounded cluster agent.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -43,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("daemon", help="run the agent daemon (started by unbounded-agent-daemon.service)").set_defaults(
         func=_cmd_daemon
     )
+    from . import resetctl  # small: its heavy imports are inside its functions
+
+    r = sub.add_parser("reset", help="return this host to its pre-bootstrap state (runs the reset units)")
+    resetctl.add_arguments(r)
+    r.set_defaults(func=_cmd_reset)
     return p
 
 

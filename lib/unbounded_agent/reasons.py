@@ -19,6 +19,12 @@ class Reason(str, enum.Enum):
     DAEMON_FAILED = "DaemonFailed"
     UPGRADE_IN_PROGRESS = "UpgradeInProgress"
     QUARANTINED = "Quarantined"
+    # AgentReset
+    HOST_LOCKED = "HostLocked"
+    INVENTORY_FAILED = "InventoryFailed"
+    UNSAFE_REMOVAL = "UnsafeRemoval"
+    MACHINE_STILL_RUNNING = "MachineStillRunning"
+    RESET_INCOMPLETE = "ResetIncomplete"
 
     @property
     def exit_code(self) -> int:
@@ -41,6 +47,11 @@ _EXIT_CODES = {
     Reason.DAEMON_FAILED: 15,
     Reason.UPGRADE_IN_PROGRESS: 16,
     Reason.QUARANTINED: 17,
+    Reason.HOST_LOCKED: 20,
+    Reason.INVENTORY_FAILED: 21,
+    Reason.UNSAFE_REMOVAL: 22,
+    Reason.MACHINE_STILL_RUNNING: 23,
+    Reason.RESET_INCOMPLETE: 24,
 }
 
 

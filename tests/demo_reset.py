@@ -1,0 +1,42 @@
+"""`make demo` chapter: AgentReset on a bootstrapped host, as an operator runs it.
+
+run(host, say) expects the .deb installed on host (demo.py does that first). It makes the host
+look bootstrapped (machines kube1/kube2 running, the agent's links, keys, rules and routes, plus
+decoys that must survive), previews the reset with --dry-run, runs it, shows what is left and
+runs it again to show that a clean host has nothing to do.
+"""
+
+import shlex
+
+from bootstrapped_host import TOOLSET_RESET, bootstrap
+
+
+def _show(host, cmd: list[str]) -> int:
+    print(f"root@{host.name}:~# {shlex.join(cmd)}", flush=True)
+    r = host.run(cmd, check=False, timeout=600)
+    out = (r.stdout + r.stderr).rstrip()
+    if out:
+        print(out, flush=True)
+    return r.returncode
+
+
+def run(host, say) -> None:
+    say("AgentReset: a bootstrapped host (kube1/kube2 running, agent links, keys, routing) plus decoys")
+    bootstrap(host)
+    _show(host, ["machinectl", "list", "--no-pager"])
+    _show(host, ["ip", "-br", "link"])
+    _show(host, ["ip", "rule"])
+    say("Preview: `unbounded-agent reset --dry-run` lists exactly what would go, and changes nothing")
+    _show(host, ["unbounded-agent", "reset", "--dry-run"])
+    say("Reset: phase 1 (steps 1-6, the agent keeps running), then phase 2 (the agent is removed)")
+    code = _show(host, ["unbounded-agent", "reset"])
+    print(f"(exit status {code})")
+    say("What is left: kube10, wg0, wgx, eth-keep, table 51900 and the operator's files")
+    _show(host, ["machinectl", "list", "--no-pager"])
+    _show(host, ["ip", "-br", "link"])
+    _show(host, ["ip", "rule"])
+    _show(host, ["ls", "/etc/wireguard", "/var/lib/machines"])
+    _show(host, ["systemctl", "list-dependencies", "--no-pager", "unbounded-agent-reset.target"])
+    say("Again, on the clean host (with the toolset's entry: `unbounded-agent` went with the agent)")
+    code = _show(host, TOOLSET_RESET)
+    print(f"(exit status {code})")
