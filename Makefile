@@ -3,6 +3,7 @@
 #   make deb     VERSION=1.2.3   dist/unbounded-agent_<version>_all.deb, checked with lintian
 #   make test                    fast tests and the systemd test-host tests (needs root)
 #   make demo                    boots a test host, installs the .deb and shows what a user sees
+#   make bench                   timings and peak memory (tests/bench_*.py)
 SHELL := /bin/bash
 VERSION ?= $(shell cat VERSION)
 DIST ?= dist
@@ -12,7 +13,7 @@ VPY := $(VENV)/bin/python
 DEB := $(DIST)/unbounded-agent_$(VERSION)_all.deb
 DEB_BUILD := build/deb
 
-.PHONY: all setup release deb venv test test-fast testhost-tree demo clean
+.PHONY: all setup release deb venv test test-fast testhost-tree demo bench clean
 
 all: deb
 
@@ -57,6 +58,10 @@ test-fast: venv
 
 demo: venv deb
 	$(VPY) tests/demo.py --deb $(DEB)
+
+# Speed and memory targets are measured here, never asserted in tests.
+bench: venv deb
+	@for b in tests/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
 clean:
 	rm -rf build $(DIST) $(VENV)

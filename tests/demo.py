@@ -25,14 +25,14 @@ def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def show(host, cmd: list[str], check: bool = True) -> str:
+def show(host, cmd: list[str], check: bool = False, timeout: float = 600):
     """Run a command in the host and print it like a terminal session would."""
-    print(f"root@testhost:~# {shlex.join(cmd)}", flush=True)
-    r = host.run(cmd, check=check)
+    print(f"root@{host.name}:~# {shlex.join(cmd)}", flush=True)
+    r = host.run(cmd, check=check, timeout=timeout)
     out = (r.stdout + r.stderr).rstrip()
     if out:
         print(out, flush=True)
-    return r.stdout
+    return r
 
 
 def main() -> int:
@@ -44,12 +44,12 @@ def main() -> int:
     say("Booting the test host: systemd as PID 1 in systemd-nspawn, private network")
     with boot_testhost("demo", tree) as host:
         print(f"booted in {host.boot_seconds:.1f} s")
-        show(host, ["systemctl", "--version"])
+        show(host, ["systemctl", "--version"], check=True)
         say(f"Installing {args.deb.name}")
         host.install_deb(args.deb)
-        show(host, ["unbounded-agent", "version"])
-        show(host, ["unbounded-agent", "status"])
-        show(host, ["systemctl", "status", "--no-pager", "--lines=5", "unbounded-agent-daemon"], check=False)
+        show(host, ["unbounded-agent", "version"], check=True)
+        show(host, ["unbounded-agent", "status"], check=True)
+        show(host, ["systemctl", "status", "--no-pager", "--lines=5", "unbounded-agent-daemon"])
         for name in CHAPTERS:
             if (TESTS / f"{name}.py").exists():
                 importlib.import_module(name).run(host, say)

@@ -6,18 +6,8 @@ decoys that must survive), previews the reset with --dry-run, runs it, shows wha
 runs it again to show that a clean host has nothing to do.
 """
 
-import shlex
-
 from bootstrapped_host import TOOLSET_RESET, bootstrap
-
-
-def _show(host, cmd: list[str]) -> int:
-    print(f"root@{host.name}:~# {shlex.join(cmd)}", flush=True)
-    r = host.run(cmd, check=False, timeout=600)
-    out = (r.stdout + r.stderr).rstrip()
-    if out:
-        print(out, flush=True)
-    return r.returncode
+from demo import show as _show
 
 
 def run(host, say) -> None:
@@ -38,5 +28,5 @@ def run(host, say) -> None:
     _show(host, ["ls", "/etc/wireguard", "/var/lib/machines"])
     _show(host, ["systemctl", "list-dependencies", "--no-pager", "unbounded-agent-reset.target"])
     say("Again, on the clean host (with the toolset's entry: `unbounded-agent` went with the agent)")
-    code = _show(host, TOOLSET_RESET)
+    code = _show(host, TOOLSET_RESET).returncode
     print(f"(exit status {code})")
