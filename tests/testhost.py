@@ -28,7 +28,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, NoReturn
@@ -115,19 +114,6 @@ def _kill(pid: int, start_time: str | None, sig: int) -> None:
             os.kill(pid, sig)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _install_cleanup_handlers() -> None:
-    """Make SIGTERM/SIGHUP unwind like Ctrl-C so finally blocks and pytest teardown run."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) == signal.SIG_DFL:
-            signal.signal(sig, _raise_interrupt)
-
-
 @atexit.register
 def _stop_live_hosts() -> None:
     for host in list(_live_hosts):
@@ -184,7 +170,8 @@ class TestHost:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        _install_cleanup_handlers()
+        # SIGTERM/SIGHUP unwind like Ctrl-C, so finally blocks and pytest teardown run.
+        testhost_tree.install_interrupt_handlers()
         reap_stale()
         WORK_ROOT.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=WORK_ROOT))
@@ -254,6 +241,9 @@ class TestHost:
             state = result.stdout.strip()
             if state in ("running", "degraded"):
                 return state
+            # "offline" only means PID 1 does not listen yet: retry. These will not improve:
+            if state in ("maintenance", "stopping"):
+                break
             time.sleep(0.1)
         self._boot_failed(f"not booted within {BOOT_TIMEOUT} s (state {state!r})")
 
@@ -267,8 +257,6 @@ class TestHost:
 
     def stop(self) -> None:
         """Power off, then kill what is left, unmount and remove the overlay. Idempotent."""
-        if self in _live_hosts:
-            _live_hosts.remove(self)
         if self.running:
             with contextlib.suppress(Exception):
                 self.final_journal = self.journal(lines=200)
@@ -292,6 +280,9 @@ class TestHost:
                 raise TestHostError(f"test host {self.name}: still mounted: {leaked}")
             shutil.rmtree(self.workdir, ignore_errors=True)
         _remove_nspawn_leftovers(self.name)
+        # Only now: if teardown itself was interrupted, the atexit hook tries again.
+        if self in _live_hosts:
+            _live_hosts.remove(self)
 
     # -- commands ----------------------------------------------------------------------
 

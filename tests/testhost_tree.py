@@ -17,9 +17,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,13 +98,34 @@ def debian_mirror(etc_apt: Path = Path("/etc/apt")) -> str:
     return FALLBACK_MIRROR
 
 
-def _run(cmd: list[str], log: Path, **kw) -> None:
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_interrupt_handlers() -> None:
+    """Make SIGTERM/SIGHUP unwind like Ctrl-C, so cleanup in finally blocks runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _raise_interrupt)
+
+
+def _run(cmd: list[str], log: Path) -> None:
     """Run a build step, appending its output to log; raise with the log's tail on failure."""
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
-        rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                            stderr=subprocess.STDOUT, **kw).returncode
+        # Its own process group: if the build is interrupted, all of the step goes too
+        # (debootstrap's dpkg runs must not go on writing into a tree being removed).
+        step = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = step.wait()
+        except BaseException:
+            os.killpg(step.pid, signal.SIGKILL)
+            step.wait()
+            raise
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise RuntimeError(f"test host tree build step failed (exit {rc}): {' '.join(cmd)}\n"
@@ -167,6 +189,7 @@ def build_tree(cache_dir: Path | None = None) -> Path:
     """Return the root of the cached test host tree, building it first if needed."""
     if cached_tree(cache_dir):
         return cached_tree(cache_dir)
+    install_interrupt_handlers()
     cache_dir = Path(cache_dir) if cache_dir else cache_dir_default()
     key = cache_key()
     final = cache_dir / f"tree-{key}"
