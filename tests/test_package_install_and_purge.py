@@ -79,7 +79,9 @@ def test_remove_then_purge_leave_no_package_files(installed):
     # the agent's binaries are runtime state: removed by `unbounded-agent reset`, not by dpkg
     assert host.run(["test", "-x", f"{BIN}/unbounded-agent-blue"], check=False).returncode == 0
 
+    host.write("/var/lib/unbounded-agent-reset/reports/01-stop-machines.json", "{}\n")  # a past reset's
     host.run(["dpkg", "-P", "unbounded-agent"])
+    assert not host.path("/var/lib/unbounded-agent-reset").exists()
     assert host.sh("ls /var/lib/dpkg/info/ | grep unbounded-agent || true").stdout == ""
     assert host.sh("find /etc/systemd /lib/systemd /usr/lib/systemd -name 'unbounded-agent*'").stdout == ""
     assert host.sh("ls /var/lib/systemd/deb-systemd-helper-enabled/ 2>/dev/null | grep unbounded || true").stdout == ""

@@ -63,3 +63,16 @@ def test_failures_reach_the_exit_code(repo_root, tmp_path):
                        env={"UNBOUNDED_AGENT_CONFIG": str(bad), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 3, r
     assert "InvalidConfig" in r.stderr and "binDir must be an absolute path" in r.stderr
+
+
+@pytest.mark.testhost
+def test_two_releases_run_on_the_test_host(repo_root, tmp_path, testhost):
+    # the zipapp runs with the host's own python3 and Debian's packages, not this venv
+    for version in ("3.0.0", "3.0.1"):
+        tarball = build_release(repo_root, tmp_path / version, version)
+        testhost.put(tarball, f"/var/tmp/rel-{version}.tar.gz")
+        out = testhost.sh(f"mkdir -p /var/tmp/rel-{version} && tar -xzf /var/tmp/rel-{version}.tar.gz "
+                          f"-C /var/tmp/rel-{version} && /var/tmp/rel-{version}/unbounded-agent version").stdout
+        assert out == f"unbounded-agent {version}\n"
+    testhost.run(["rm", "-rf", "/var/tmp/rel-3.0.0", "/var/tmp/rel-3.0.1", "/var/tmp/rel-3.0.0.tar.gz",
+                  "/var/tmp/rel-3.0.1.tar.gz"])

@@ -156,3 +156,16 @@ def test_nested_machine_is_listed(testhost_factory):
         assert [line.split()[:2] for line in machines] == [["kube1", "container"]]
         assert host.run(["systemctl", "is-active", "systemd-nspawn@kube1.service"]
                         ).stdout.strip() == "active"
+
+
+@pytest.mark.testhost
+def test_power_cycle_keeps_files_and_loses_running_state(testhost_factory):
+    with testhost_factory() as host:
+        host.write("/var/lib/survivor", "still here\n")
+        host.run(["systemd-run", "--unit=before-the-cut.service", "/bin/sleep", "infinity"])
+        first_init = host.init_pid
+        host.power_cycle(hard=True)
+        assert host.init_pid != first_init and host.running
+        assert host.read("/var/lib/survivor") == "still here\n"
+        assert host.run(["systemctl", "is-active", "before-the-cut.service"], check=False).stdout.strip() != "active"
+        assert host.run(["systemctl", "is-system-running"], check=False).stdout.strip() in ("running", "degraded")

@@ -251,6 +251,32 @@ class TestHost:
         tail = "\n".join(self.console_log.read_text(errors="replace").splitlines()[-60:])
         raise TestHostError(f"test host {self.name}: {why}\n--- console ---\n{tail}")
 
+    def power_cycle(self, hard: bool = True) -> None:
+        """Stop the host and boot it again on the same overlay: what it wrote stays.
+
+        hard=True is a power loss: every process in the host is SIGKILLed at once, nothing shuts
+        down cleanly. hard=False is an orderly poweroff first. Transient units (the HTTPS server)
+        are gone afterwards, as after any boot; serve() starts the server again.
+        """
+        if hard:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.nspawn.pid, signal.SIGKILL)
+            _kill(self.init_pid, self._init_start, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                self.nspawn.send_signal(signal.SIGTERM)
+        try:
+            self.nspawn.wait(timeout=POWEROFF_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.nspawn.pid, signal.SIGKILL)
+            self.nspawn.wait()
+        _kill(self.init_pid, self._init_start, signal.SIGKILL)
+        _remove_nspawn_leftovers(self.name)
+        self.init_pid = self._init_start = None
+        self._https_started = False
+        self._boot()
+
     @property
     def running(self) -> bool:
         return self.init_pid is not None and _alive(self.init_pid, self._init_start)
