@@ -258,24 +258,31 @@ class TestHost:
         down cleanly. hard=False is an orderly poweroff first. Transient units (the HTTPS server)
         are gone afterwards, as after any boot; serve() starts the server again.
         """
-        if hard:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.nspawn.pid, signal.SIGKILL)
-            _kill(self.init_pid, self._init_start, signal.SIGKILL)
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                self.nspawn.send_signal(signal.SIGTERM)
-        try:
-            self.nspawn.wait(timeout=POWEROFF_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.nspawn.pid, signal.SIGKILL)
-            self.nspawn.wait()
-        _kill(self.init_pid, self._init_start, signal.SIGKILL)
+        self._halt(hard)
         _remove_nspawn_leftovers(self.name)
         self.init_pid = self._init_start = None
         self._https_started = False
         self._boot()
+
+    def _halt(self, hard: bool) -> None:
+        """End the container: an orderly poweroff (hard=False) or everything SIGKILLed at once."""
+        if hard and self.init_pid is not None:  # the host's processes first: nothing runs on
+            _kill(self.init_pid, self._init_start, signal.SIGKILL)
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if hard:
+                    os.killpg(self.nspawn.pid, signal.SIGKILL)
+                else:  # nspawn turns SIGTERM into an orderly poweroff of the host (about 1 s)
+                    self.nspawn.send_signal(signal.SIGTERM)
+            try:
+                self.nspawn.wait(timeout=POWEROFF_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.nspawn.pid, signal.SIGKILL)
+                self.nspawn.wait()
+        if self.init_pid is not None:
+            # Killing PID 1 of the container kills everything in its PID namespace.
+            _kill(self.init_pid, self._init_start, signal.SIGKILL)
 
     @property
     def running(self) -> bool:
@@ -286,19 +293,7 @@ class TestHost:
         if self.running:
             with contextlib.suppress(Exception):
                 self.final_journal = self.journal(lines=200)
-        if self.nspawn is not None and self.nspawn.poll() is None:
-            # nspawn turns SIGTERM into an orderly poweroff of the host (about 1 s).
-            with contextlib.suppress(ProcessLookupError):
-                self.nspawn.send_signal(signal.SIGTERM)
-            try:
-                self.nspawn.wait(timeout=POWEROFF_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.nspawn.pid, signal.SIGKILL)
-                self.nspawn.wait()
-        if self.init_pid is not None:
-            # Killing PID 1 of the container kills everything in its PID namespace.
-            _kill(self.init_pid, self._init_start, signal.SIGKILL)
+        self._halt(hard=False)
         if self.workdir is not None:
             _unmount_all_under(self.workdir)
             leaked = _mount_points_under(self.workdir)
