@@ -39,6 +39,18 @@ def _cmd_reset(args) -> int:
     return resetctl.command(args)
 
 
+def _cmd_upgrade(args) -> int:
+    from . import upgradectl
+
+    return upgradectl.upgrade_command(args)
+
+
+def _cmd_rollback(args) -> int:
+    from . import upgradectl
+
+    return upgradectl.rollback_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unbounded-agent", description="The Unbounded cluster agent.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -54,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reset", help="return this host to its pre-bootstrap state (runs the reset units)")
     resetctl.add_arguments(r)
     r.set_defaults(func=_cmd_reset)
+    from . import upgradectl  # small: its heavy imports are inside its functions
+
+    u = sub.add_parser("upgrade", help="upgrade the agent from a release URL (blue-green, with probation and rollback)")
+    upgradectl.add_upgrade_arguments(u)
+    u.set_defaults(func=_cmd_upgrade)
+    rb = sub.add_parser("rollback", help="go back to unbounded-agent-last-good (same switch, probation and commit)")
+    upgradectl.add_rollback_arguments(rb)
+    rb.set_defaults(func=_cmd_rollback)
     return p
 
 

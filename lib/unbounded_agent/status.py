@@ -23,6 +23,9 @@ def collect(cfg: Config) -> dict:
     except ValueError as e:
         pending = {"error": str(e)}
 
+    from . import upgrade
+
+    store = upgrade.Store(cfg)
     try:
         daemon = systemd.unit_state(systemd.DAEMON_UNIT)
     except systemd.SystemdUnavailable as e:
@@ -37,6 +40,9 @@ def collect(cfg: Config) -> dict:
         "current": target(layout.CURRENT),
         "last_good": target(layout.LAST_GOOD),
         "pending_upgrade": pending,
+        "upgrade": upgrade.outcome(pending) if pending and "error" not in pending else None,
+        "quarantine": store.quarantine(),
+        "rollback_signal": store.read_signal(),
         "daemon": daemon,
     }
 
@@ -66,7 +72,24 @@ def render(st: dict) -> str:
         ("active slot", st["active_slot"] or "none"),
         ("current", link_line(st["current"])),
         ("last good", link_line(st["last_good"])),
-        ("upgrade", "none pending" if pending is None else str(pending)),
+        ("upgrade", _upgrade_line(st)),
         ("daemon", daemon),
     ]
+    sig = st.get("rollback_signal")
+    if sig:
+        rows.append(("rolled back", f"{sig.get('at')} by {sig.get('kind', 'upgrade')} {sig.get('operation')}: "
+                                      f"{sig.get('failureMessage')}"))
+    rows += [("quarantined", f"version {q.get('version') or '?'} sha256 {(q.get('digest') or '?')[:12]} "
+                             f"({q.get('failure')})") for q in st.get("quarantine") or []]
     return "\n".join(f"{k + ':':<13}{v}" for k, v in rows)
+
+
+def _upgrade_line(st: dict) -> str:
+    from . import upgrade
+
+    pending = st["pending_upgrade"]
+    if pending is None:
+        return "none pending"
+    if "error" in pending:
+        return pending["error"]
+    return upgrade.describe(pending)
