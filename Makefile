@@ -4,6 +4,7 @@
 #   make test                    fast tests and the systemd test-host tests (needs root)
 #   make demo                    boots a test host, installs the .deb and shows what a user sees
 #   make bench                   timings and peak memory (tests/bench_*.py)
+#   make e2e-cluster             the watcher against the cluster KUBECONFIG names
 SHELL := /bin/bash
 VERSION ?= $(shell cat VERSION)
 DIST ?= dist
@@ -13,7 +14,7 @@ VPY := $(VENV)/bin/python
 DEB := $(DIST)/unbounded-agent_$(VERSION)_all.deb
 DEB_BUILD := build/deb
 
-.PHONY: all setup release deb venv test test-fast testhost-tree demo bench clean
+.PHONY: all setup release deb venv test test-fast testhost-tree demo bench e2e-cluster clean
 
 all: deb
 
@@ -28,7 +29,7 @@ release:
 deb: setup release
 	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src/agent
 	cp -r pyproject.toml README.md bin units $(DEB_BUILD)/src/
-	mkdir -p $(DEB_BUILD)/src/packaging && cp -r packaging/man $(DEB_BUILD)/src/packaging/
+	mkdir -p $(DEB_BUILD)/src/packaging && cp -r packaging/man packaging/kubernetes $(DEB_BUILD)/src/packaging/
 	echo $(VERSION) > $(DEB_BUILD)/src/VERSION
 	cp -r packaging/debian $(DEB_BUILD)/src/debian
 	$(PY) packaging/build_release.py --version $(VERSION) --out $(DIST) --stage-only $(DEB_BUILD)/src/lib
@@ -58,6 +59,10 @@ test-fast: venv
 
 demo: venv deb
 	$(VPY) tests/demo.py --deb $(DEB)
+
+# The watcher's end-to-end tests against the real cluster KUBECONFIG names (skipped when unset).
+e2e-cluster: venv
+	$(VPY) -m pytest tests/test_e2e_cluster.py
 
 # Speed and memory targets are measured here, never asserted in tests.
 bench: venv deb

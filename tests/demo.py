@@ -18,7 +18,7 @@ sys.path.insert(0, str(TESTS))
 import testhost_tree  # noqa: E402
 from testhost import boot_testhost  # noqa: E402
 
-CHAPTERS = ["demo_upgrade", "demo_reset"]  # optional: run when present
+CHAPTERS = ["demo_upgrade", "demo_mop", "demo_reset"]  # optional: run when present
 
 
 def say(text: str) -> None:

@@ -34,6 +34,22 @@ def test_daemon_is_active_and_reported_ready(installed):
     assert "StatusText=unbounded-agent" in props  # the daemon's own sd_notify STATUS=
 
 
+def test_kubernetes_manifests_ship_in_the_doc_dir(installed):
+    docs = "/usr/share/doc/unbounded-agent/kubernetes"
+    crd = installed.read(f"{docs}/crd-machineoperations.yaml")  # plain YAML: kubectl apply -f reads it
+    assert "name: machineoperations.unbounded-cloud.io" in crd
+    assert installed.path(f"{docs}/rbac.yaml").is_file()
+    assert installed.path(f"{docs}/examples/upgrade-agent-worker-01.yaml").is_file()
+
+
+def test_daemon_arms_its_own_watchdog(installed):
+    # the unit sets no WatchdogSec=; the daemon asks for one with sd_notify WATCHDOG_USEC= (systemd 252)
+    unit = installed.read("/lib/systemd/system/unbounded-agent-daemon.service")
+    assert "\nWatchdogSec=" not in unit
+    props = installed.run(["systemctl", "show", "unbounded-agent-daemon.service", "-p", "WatchdogUSec"]).stdout
+    assert props.strip() == "WatchdogUSec=1min"
+
+
 def test_status_json_reports_blue_as_current(installed, version):
     st = json.loads(installed.run(["unbounded-agent", "status", "--json"]).stdout)
     assert st["active_slot"] == "unbounded-agent-blue"

@@ -35,6 +35,8 @@ class Config:
     preflight_timeout_seconds: float = 30.0
     ready_timeout_seconds: float = 60.0
     probation_seconds: float = 10.0
+    # watcher: report ready to systemd this long after start even if the API server cannot be reached
+    ready_without_api_seconds: float = 20.0
     source: str = ""  # where the settings came from, for `status` and error messages
 
 
@@ -53,6 +55,7 @@ _KEYS = {
     "preflightTimeoutSeconds": ("preflight_timeout_seconds", (int, float)),
     "readyTimeoutSeconds": ("ready_timeout_seconds", (int, float)),
     "probationSeconds": ("probation_seconds", (int, float)),
+    "readyWithoutApiSeconds": ("ready_without_api_seconds", (int, float)),
 }
 _PATHS = ("binDir", "stateDir")
 

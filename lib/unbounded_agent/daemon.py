@@ -1,18 +1,71 @@
 """`unbounded-agent daemon`: the long-running agent under unbounded-agent-daemon.service.
 
-It reports readiness to systemd (Type=notify) once it has validated its configuration and then
-waits for SIGTERM. The MachineOperation watcher is not part of this build.
+It runs the MachineOperation watcher (watcher.py) for this machine. systemd learns three things from it:
+- READY=1 (Type=notify) once the first list of MachineOperations succeeded — or, when the API server
+  cannot be reached, after a short grace (watcher.ready_grace): the host side must not depend on the API;
+- WATCHDOG=1 from a thread, every quarter of WatchdogSec=, but only while the main loop is alive (its
+  heartbeat is recent): a wedged loop stops the pings and systemd restarts the daemon;
+- STOPPING=1 on SIGTERM.
+Without a kubeconfig and outside a pod there is nothing to watch: the daemon stays up, ready, idle.
 """
 
+from __future__ import annotations
+
+import os
 import signal
 import threading
+import time
 
 from . import log, systemd
 from .config import Config
 from .version import VERSION
 
 
+def watchdog_seconds() -> float | None:
+    """WatchdogSec= of this service as systemd passes it (sd_watchdog_enabled(3)), None if off."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1e6 or None
+    except ValueError:
+        return None
+
+
+# The daemon arms its own watchdog (sd_notify WATCHDOG_USEC=, honoured by systemd 252) rather than the
+# unit setting WatchdogSec=: the unit runs whichever binary is current, and one that cannot feed a
+# watchdog (an older release) must not be killed every minute. A WatchdogSec= drop-in still wins.
+WATCHDOG_SECONDS = 60.0
+
+
+def start_watchdog(alive, stop: threading.Event, notify=systemd.notify) -> threading.Thread | None:
+    """Ping the systemd watchdog while alive() says the main loop made progress recently."""
+    period = watchdog_seconds()
+    if not period:
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return None  # not run by systemd: nobody to ping
+        period = WATCHDOG_SECONDS
+        notify(WATCHDOG_USEC=int(period * 1_000_000))
+
+    def feed():
+        warned = False
+        while not stop.wait(period / 4):
+            if alive(period * 0.75):
+                notify(WATCHDOG=1)
+                warned = False
+            elif not warned:
+                log.error(f"the main loop made no progress for {period * 0.75:.0f} s: not feeding the watchdog")
+                warned = True
+
+    t = threading.Thread(target=feed, name="watchdog", daemon=True)
+    t.start()
+    return t
+
+
 def run(cfg: Config) -> int:
+    from . import kubeclient, watcher
+
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -22,8 +75,13 @@ def run(cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(f"version {VERSION} starting for machine {cfg.machine_name}")
-    systemd.notify(READY=1, STATUS=f"unbounded-agent {VERSION}: idle (no MachineOperation watcher in this build)")
-    log.info("ready")
-    stop.wait()
+    if not kubeclient.configured(cfg.kubeconfig):
+        start_watchdog(lambda _max_age: True, stop)
+        watcher.run_standalone(cfg, stop, systemd.notify)
+    else:
+        w = watcher.Watcher(cfg, notify=systemd.notify)
+        start_watchdog(lambda max_age: time.monotonic() - w.heartbeat < max_age, stop)
+        w.run(stop)
     systemd.notify(STOPPING=1)
+    log.info("stopped")
     return 0
