@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from kube_apiserver import start_apiserver
+from waiting import wait_until  # noqa: F401 (re-exported to the mop tests)
 
 REPO = Path(__file__).resolve().parent.parent
 KUBECTL = "/usr/bin/kubectl"
@@ -40,17 +41,6 @@ preflightTimeoutSeconds: 5
 readyWithoutApiSeconds: 3
 maxExtractedBytes: 16777216
 """
-
-
-def wait_until(what: str, fn, timeout: float = 180, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(poll)
-    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s (last: {last!r})")
 
 
 class KubeLink:

@@ -28,7 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 KUBECTL = os.environ.get("KUBECTL", "/usr/bin/kubectl")
 URL = "https://releases.example.com/unbounded-agent-linux-amd64.tar.gz"
 
-pytestmark = pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="KUBECONFIG is unset: no cluster to test")
+# Opt-in twice: a KUBECONFIG left in a developer's shell must never turn `make test` into writes to a
+# real cluster; `make e2e-cluster` sets UNBOUNDED_E2E_CLUSTER.
+pytestmark = pytest.mark.skipif(not (os.environ.get("KUBECONFIG") and os.environ.get("UNBOUNDED_E2E_CLUSTER")),
+                                reason="no cluster to test: run `make e2e-cluster` with KUBECONFIG set")
 
 
 def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess:

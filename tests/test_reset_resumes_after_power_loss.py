@@ -1,26 +1,16 @@
 """A host that loses power in the middle of a reset step boots with the "resetting" checkpoint
 still there, and the next reset completes the job."""
 
-import time
-
 import pytest
 
 from bootstrapped_host import (  # noqa: F401 (fixtures)
     agent_host, bootstrap, checkpoint_exists, drop_in, remove_drop_in, run_reset, snapshot, step)
+from waiting import wait_until
 
 pytestmark = pytest.mark.testhost
 
 # Holds the step in its ExecStartPre so the power cut lands while the step's unit is running.
 HOLD_HERE = "[Service]\nExecStartPre=/bin/sleep infinity\n"
-
-
-def wait_until_activating(host, unit, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if host.run(["systemctl", "is-active", unit], check=False).stdout.strip() == "activating":
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{unit} never started:\n{host.journal(lines=50)}")
 
 
 @pytest.mark.parametrize("held_step", ["stop-machines", "remove-machine-trees", "remove-agent"])
@@ -31,7 +21,8 @@ def test_a_reset_cut_by_power_loss_completes_after_boot(agent_host, held_step):
     drop_in(host, unit, HOLD_HERE)
     host.run(["systemd-run", "--unit=test-reset-cli.service", "--collect", "--quiet",
               "unbounded-agent", "reset"])
-    wait_until_activating(host, unit)
+    wait_until(f"{unit} to start", lambda: host.run(["systemctl", "is-active", unit], check=False)
+               .stdout.strip() == "activating", timeout=60)
 
     host.power_cycle(hard=True)
     remove_drop_in(host, unit)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
+
+import waiting
 
 BIN = "/var/lib/unbounded-agent/bin"
 STATE = "/var/lib/unbounded-agent"
@@ -31,20 +32,8 @@ TERMINAL = ("committed", "failed", "rolled-back")
 SETTLE_SECONDS = 180
 
 
-class Timeout(AssertionError):
-    pass
-
-
 def wait_until(what: str, fn, timeout: float = SETTLE_SECONDS, poll: float = 0.2):
-    """Poll fn until it returns something truthy; fail with what and the last value otherwise."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(poll)
-    raise Timeout(f"gave up waiting for {what} after {timeout:.0f} s (last: {last!r})")
+    return waiting.wait_until(what, fn, timeout, poll)
 
 
 def prepare(host, deb, config: str = TEST_CONFIG) -> None:

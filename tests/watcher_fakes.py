@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from pathlib import Path
 
 from kube_apiserver import start_apiserver
+from waiting import wait_until
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
 if str(LIB) not in sys.path:
@@ -29,14 +29,7 @@ WAIT = 30.0  # a bound on waits only; nothing asserts how long anything took
 
 
 def wait_for(what: str, fn, timeout: float = WAIT, poll: float = 0.02):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(poll)
-    raise AssertionError(f"gave up waiting for {what} (last: {last!r})")
+    return wait_until(what, fn, timeout, poll)
 
 
 class FakeOps:
