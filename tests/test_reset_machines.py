@@ -46,7 +46,7 @@ def fake(monkeypatch):
     def install(**kw):
         host = FakeHost(**kw)
         monkeypatch.setattr(machines, "inspect", host.inspect)
-        monkeypatch.setattr(machines, "_systemd_manager", host.manager)
+        monkeypatch.setattr(machines, "systemd_manager", host.manager)
         monkeypatch.setattr(machines, "_kill", host.kill)
         monkeypatch.setattr(machines, "POLL_INTERVAL", 0.01)
         return host

@@ -14,7 +14,7 @@ import dataclasses
 import signal
 import time
 
-from .reasons import OpsError, Reason
+from .reasons import OpsError, Reason, describe_error
 
 AGENT_MACHINES = ("kube1", "kube2")
 GRACEFUL_TIMEOUT = 30.0  # seconds, as upstream
@@ -57,10 +57,11 @@ def registered_machines() -> set[str]:
         with Manager() as m:
             return {_d(entry[0]) for entry in m.Manager.ListMachines()}
     except Exception as e:
-        raise OpsError(Reason.INVENTORY_FAILED, f"cannot list machines through systemd-machined: {_why(e)}") from None
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot list machines through systemd-machined: {describe_error(e)}") from None
 
 
-def _systemd_manager():
+def systemd_manager():
+    """A loaded systemd Manager over D-Bus; INVENTORY_FAILED when systemd cannot be reached."""
     from pystemd.systemd1 import Manager
 
     try:
@@ -68,7 +69,7 @@ def _systemd_manager():
         m.load()
         return m
     except Exception as e:
-        raise OpsError(Reason.INVENTORY_FAILED, f"cannot reach systemd over D-Bus: {_why(e)}") from None
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot reach systemd over D-Bus: {describe_error(e)}") from None
 
 
 def _unit_states(manager, machine: str) -> tuple[str, str]:
@@ -90,7 +91,7 @@ def _unit_states(manager, machine: str) -> tuple[str, str]:
 def inspect(machines=AGENT_MACHINES) -> list[MachineState]:
     registered = registered_machines()
     try:
-        manager = _systemd_manager()
+        manager = systemd_manager()
         out = []
         for m in machines:
             active, file_state = _unit_states(manager, m)
@@ -99,24 +100,24 @@ def inspect(machines=AGENT_MACHINES) -> list[MachineState]:
     except OpsError:
         raise
     except Exception as e:
-        raise OpsError(Reason.INVENTORY_FAILED, f"cannot read the state of the machines' units from systemd: {_why(e)}") from None
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot read the state of the machines' units from systemd: {describe_error(e)}") from None
 
 
 def disable(machine: str) -> bool:
     """Disable systemd-nspawn@<m>.service (the `machinectl disable` part). True if it was enabled.
     Afterwards the unit must be in a state that does not start at boot, else this is an error."""
-    manager = _systemd_manager()
+    manager = systemd_manager()
     name = unit_of(machine).encode()
     try:
         _, before = _unit_states(manager, machine)
     except Exception as e:
-        raise OpsError(Reason.INVENTORY_FAILED, f"cannot read the state of {unit_of(machine)}: {_why(e)}") from None
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot read the state of {unit_of(machine)}: {describe_error(e)}") from None
     if before in NOT_ENABLED:
         return False
     try:
         manager.Manager.DisableUnitFiles([name], False)
     except Exception as e:
-        raise OpsError(Reason.EXECUTION_FAILED, f"cannot disable {unit_of(machine)}: {_why(e)}") from None
+        raise OpsError(Reason.EXECUTION_FAILED, f"cannot disable {unit_of(machine)}: {describe_error(e)}") from None
     _, after = _unit_states(manager, machine)
     if after not in NOT_ENABLED:
         raise OpsError(Reason.EXECUTION_FAILED, f"{unit_of(machine)} is still {after} after disabling it")
@@ -136,7 +137,7 @@ def stop(machines=AGENT_MACHINES, graceful_timeout: float = GRACEFUL_TIMEOUT,
 
     Raises MACHINE_STILL_RUNNING naming every machine still there after both bounds.
     """
-    manager = _systemd_manager()
+    manager = systemd_manager()
     states = {s.name: s for s in inspect(machines)}
     outcomes = {m: StopOutcome(m, states[m].running) for m in machines}
     pending = [m for m in machines if states[m].running]
@@ -145,7 +146,7 @@ def stop(machines=AGENT_MACHINES, graceful_timeout: float = GRACEFUL_TIMEOUT,
         try:
             manager.Manager.StopUnit(unit_of(m).encode(), b"replace")
         except Exception as e:  # e.g. a machine registered from a scope, not our unit: the kill below covers it
-            log(f"graceful stop of {unit_of(m)} was refused: {_why(e)}")
+            log(f"graceful stop of {unit_of(m)} was refused: {describe_error(e)}")
     pending = _wait_gone(pending, graceful_timeout, machines)
     if pending:
         for m in pending:
@@ -190,12 +191,3 @@ def _wait_gone(pending: list[str], timeout: float, machines) -> list[str]:
         if not pending or time.monotonic() >= deadline:
             return pending
         time.sleep(POLL_INTERVAL)
-
-
-def _why(e: Exception) -> str:
-    """pystemd's D-Bus errors carry the bus error name and message; their str() adds a long joke."""
-    name, message = getattr(e, "err_name", None), getattr(e, "err_message", None)
-    if name or message:
-        dec = [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in (message, name) if x]
-        return f"{dec[0]} ({dec[1]})" if len(dec) == 2 else dec[0]
-    return str(e).split("\n")[0] or type(e).__name__

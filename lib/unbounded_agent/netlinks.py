@@ -9,7 +9,7 @@ the broad form (``all_wg``), which takes every ``wg<digits>`` link — still not
 import dataclasses
 import re
 
-from .reasons import OpsError, Reason
+from .reasons import OpsError, Reason, describe_error
 
 FIXED_LINKS = ("geneve0", "vxlan0", "ipip0", "unbounded0", "cbr0")
 WG_FIRST, WG_LAST = 51820, 51899  # the same range as the agent's routing tables
@@ -48,7 +48,7 @@ def list_links() -> list[Link]:
         with _ipr() as ipr:
             msgs = ipr.get_links()
     except Exception as e:  # NetlinkError, OSError (e.g. AF_NETLINK not allowed), pyroute2 parse errors
-        raise OpsError(Reason.INVENTORY_FAILED, f"cannot list network links over netlink: {_why(e)}") from None
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot list network links over netlink: {describe_error(e)}") from None
     links = []
     for m in msgs:
         info = m.get_attr("IFLA_LINKINFO")
@@ -71,11 +71,4 @@ def remove(link: Link) -> None:
         error = e
     if all(l.name != link.name for l in list_links()):
         return
-    raise OpsError(Reason.EXECUTION_FAILED, f"cannot delete link {link.name}: {_why(error)}")
-
-
-def _why(e: Exception) -> str:
-    # NetlinkError carries (code, message); OSError has strerror. Both read better than repr().
-    if getattr(e, "strerror", None):
-        return f"{e.strerror} (errno {e.errno})"
-    return str(e) or type(e).__name__
+    raise OpsError(Reason.EXECUTION_FAILED, f"cannot delete link {link.name}: {describe_error(error)}")

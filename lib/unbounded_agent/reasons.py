@@ -55,6 +55,18 @@ _EXIT_CODES = {
 }
 
 
+def describe_error(e: BaseException) -> str:
+    """A short, readable text for a library error inside our messages: pystemd's D-Bus errors carry the
+    bus error name and message (their str() adds a long joke); OSError and netlink errors carry strerror."""
+    name, message = getattr(e, "err_name", None), getattr(e, "err_message", None)
+    if name or message:
+        dec = [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in (message, name) if x]
+        return f"{dec[0]} ({dec[1]})" if len(dec) == 2 else dec[0]
+    if getattr(e, "strerror", None):
+        return f"{e.strerror} (errno {e.errno})"
+    return str(e).split("\n")[0] or type(e).__name__
+
+
 class OpsError(Exception):
     """A failure with a reason from the shared enumeration and a human message (already redacted)."""
 

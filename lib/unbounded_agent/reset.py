@@ -32,8 +32,7 @@ import traceback
 from pathlib import Path
 
 from . import fsutil, log, state
-from .machines import _why  # readable D-Bus/netlink error text
-from .reasons import OpsError, Reason
+from .reasons import OpsError, Reason, describe_error
 
 RESET_DIR = Path("/var/lib/unbounded-agent-reset")
 CHECKPOINT = "checkpoint.json"
@@ -195,13 +194,9 @@ class SystemdOps:
     """The few systemd1 calls the agent-removal and reload steps need."""
 
     def __init__(self):
-        from pystemd.systemd1 import Manager
+        from .machines import systemd_manager
 
-        try:
-            self._manager = Manager()
-            self._manager.load()
-        except Exception as e:
-            raise OpsError(Reason.INVENTORY_FAILED, f"cannot reach systemd over D-Bus: {_why(e)}") from None
+        self._manager = systemd_manager()
 
     def unit(self, name: str) -> dict:
         from pystemd.systemd1 import Unit
@@ -534,7 +529,7 @@ class RemoveAgent(Step):
             except OpsError as e:
                 rec.fail(f"running unit {unit}", e)
             except Exception as e:
-                rec.fail(f"running unit {unit}", OpsError(Reason.EXECUTION_FAILED, f"cannot stop {unit}: {_why(e)}"))
+                rec.fail(f"running unit {unit}", OpsError(Reason.EXECUTION_FAILED, f"cannot stop {unit}: {describe_error(e)}"))
         for unit in AGENT_UNITS:
             try:
                 if ops.enabled(unit):
@@ -543,7 +538,7 @@ class RemoveAgent(Step):
             except OpsError as e:
                 rec.fail(f"enabled unit {unit}", e)
             except Exception as e:
-                rec.fail(f"enabled unit {unit}", OpsError(Reason.EXECUTION_FAILED, f"cannot disable {unit}: {_why(e)}"))
+                rec.fail(f"enabled unit {unit}", OpsError(Reason.EXECUTION_FAILED, f"cannot disable {unit}: {describe_error(e)}"))
         for p in _agent_file_paths(ctx):
             if _lexists(ctx.p(p)):  # a path inside an already removed state dir is simply gone
                 _remove_path(ctx, rec, p)
@@ -560,7 +555,7 @@ class ReloadSystemd(Step):
         except OpsError:
             raise
         except Exception as e:
-            raise OpsError(Reason.EXECUTION_FAILED, f"daemon-reload failed: {_why(e)}") from None
+            raise OpsError(Reason.EXECUTION_FAILED, f"daemon-reload failed: {describe_error(e)}") from None
         rec.note("systemd reloaded its units")
 
 
@@ -617,7 +612,7 @@ def dry_run(ctx: Context) -> list[dict]:
             out.append(entry)
             continue
         except Exception as e:  # e.g. systemd unreachable: report, do not crash the dry run
-            entry.update(items=[], goes_with=[], error=f"cannot inventory: {_why(e)}", reason=Reason.INVENTORY_FAILED.value)
+            entry.update(items=[], goes_with=[], error=f"cannot inventory: {describe_error(e)}", reason=Reason.INVENTORY_FAILED.value)
             out.append(entry)
             continue
         if step.name == "remove-links":
@@ -678,7 +673,7 @@ def run_step(name: str, reset_dir: str | os.PathLike = RESET_DIR, lock_path: str
         rec.fail(None, e)
     except Exception as e:  # a bug: keep the traceback in the journal, and still write a report
         log.error(traceback.format_exc().rstrip())
-        rec.fail(None, OpsError(Reason.EXECUTION_FAILED, f"unexpected error: {type(e).__name__}: {_why(e)}"))
+        rec.fail(None, OpsError(Reason.EXECUTION_FAILED, f"unexpected error: {type(e).__name__}: {describe_error(e)}"))
     if run_id is None:
         run_id = _request_run_id(reset_dir)
     report = {

@@ -18,8 +18,7 @@ import sys
 import time
 
 from . import log, reset
-from .machines import _why
-from .reasons import OpsError, Reason
+from .reasons import OpsError, Reason, describe_error
 
 POLL = 0.2
 TOOLSET_RESET = "/usr/libexec/unbounded-agent/unbounded-reset"
@@ -122,7 +121,7 @@ class _Run:
         try:
             info = _unit_info(s.unit)
         except Exception as e:
-            info = {"result": f"unknown ({_why(e)})"}
+            info = {"result": f"unknown ({describe_error(e)})"}
         result = info.get("result", "")
         if result in ("", "success") and info.get("active_state") == "inactive":
             why = "did not run (a unit it requires failed, or the job was cancelled)"
@@ -172,7 +171,7 @@ def run(all_wg: bool, as_json: bool, out=print) -> int:
     try:
         phase1 = _unit_info(reset.PHASE1_TARGET)
     except Exception as e:
-        raise OpsError(Reason.EXECUTION_FAILED, f"cannot reach systemd over D-Bus: {_why(e)}") from None
+        raise OpsError(Reason.EXECUTION_FAILED, f"cannot reach systemd over D-Bus: {describe_error(e)}") from None
     if phase1["load_state"] != "loaded":
         raise OpsError(Reason.EXECUTION_FAILED,
                        f"{reset.PHASE1_TARGET} is {phase1['load_state']}: the toolset package (unbounded-agent) is not installed")

@@ -11,7 +11,7 @@ and every other table are never touched. An inventory that cannot be read is an 
 import dataclasses
 import socket
 
-from .reasons import OpsError, Reason
+from .reasons import OpsError, Reason, describe_error
 
 TABLE_FIRST, TABLE_LAST = 51820, 51899
 FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
@@ -71,7 +71,7 @@ def inventory(link_names: dict[int, str] | None = None) -> list[Entry]:
     except OpsError:
         raise
     except Exception as e:
-        raise OpsError(Reason.INVENTORY_FAILED, f"cannot list policy rules and routes over netlink: {_why(e)}") from None
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot list policy rules and routes over netlink: {describe_error(e)}") from None
     return rules + routes
 
 
@@ -135,10 +135,4 @@ def remove(entry: Entry) -> None:
         error = e
     if all(e.describe() != entry.describe() for e in inventory()):
         return
-    raise OpsError(Reason.EXECUTION_FAILED, f"cannot delete {entry.describe()}: {_why(error)}")
-
-
-def _why(e: Exception) -> str:
-    if getattr(e, "strerror", None):
-        return f"{e.strerror} (errno {e.errno})"
-    return str(e) or type(e).__name__
+    raise OpsError(Reason.EXECUTION_FAILED, f"cannot delete {entry.describe()}: {describe_error(error)}")

@@ -1,21 +1,24 @@
 """`unbounded-agent status`: what is installed, what runs, and what is in flight."""
 
-from . import layout, state, systemd
+from . import layout, state, systemd, upgrade
 from .config import Config
 from .version import VERSION
 
 
 def collect(cfg: Config) -> dict:
     lay = layout.Layout(cfg.bin_dir)
+    versions = {}  # current and last-good are often the same slot: ask each binary once
 
     def target(link: str) -> dict:
         name = lay.link_target(link)
         real = lay.resolves(link)
+        if real and real not in versions:
+            versions[real] = layout.binary_version(real)
         return {
             "link": str(lay.path(link)),
             "target": name,
             "valid": real is not None,
-            "version": layout.binary_version(real) if real else None,
+            "version": versions.get(real),
         }
 
     try:
@@ -23,14 +26,12 @@ def collect(cfg: Config) -> dict:
     except ValueError as e:
         pending = {"error": str(e)}
 
-    from . import upgrade
-
-    store = upgrade.Store(cfg)
     try:
         daemon = systemd.unit_state(systemd.DAEMON_UNIT)
     except systemd.SystemdUnavailable as e:
         daemon = {"unit": systemd.DAEMON_UNIT, "error": str(e)}
 
+    store = upgrade.Store(cfg)
     return {
         "version": VERSION,
         "machine_name": cfg.machine_name,
@@ -85,8 +86,6 @@ def render(st: dict) -> str:
 
 
 def _upgrade_line(st: dict) -> str:
-    from . import upgrade
-
     pending = st["pending_upgrade"]
     if pending is None:
         return "none pending"

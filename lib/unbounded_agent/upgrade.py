@@ -133,14 +133,18 @@ class Store:
         self.quarantine_path = self.dir / QUARANTINE_FILE
         self.signal_path = self.dir / SIGNAL_FILE
 
-    # record
-    def read(self) -> dict | None:
+    @staticmethod
+    def _read(path: Path) -> dict | None:
         try:
-            return state.read_json(self.record_path)
+            return state.read_json(path)
         except ValueError as e:
-            # A corrupt record cannot come from our atomic writes; treat it as no record but say so.
+            # A corrupt file cannot come from our atomic writes; treat it as absent but say so.
             log.warn(f"ignoring {e}")
             return None
+
+    # record
+    def read(self) -> dict | None:
+        return self._read(self.record_path)
 
     def write(self, rec: dict) -> dict:
         rec["format"] = FORMAT
@@ -167,19 +171,11 @@ class Store:
         state.write_json(self.request_path, req, mode=0o600)
 
     def read_request(self) -> dict | None:
-        try:
-            return state.read_json(self.request_path)
-        except ValueError:
-            return None
+        return self._read(self.request_path)
 
     # quarantine
     def quarantine(self) -> list[dict]:
-        try:
-            doc = state.read_json(self.quarantine_path) or {}
-        except ValueError as e:
-            log.warn(f"ignoring {e}")
-            doc = {}
-        return list(doc.get("entries", []))
+        return list((self._read(self.quarantine_path) or {}).get("entries", []))
 
     def quarantined(self, *digests: str | None) -> dict | None:
         wanted = {d for d in digests if d}
@@ -206,10 +202,7 @@ class Store:
         state.write_json(self.signal_path, signal, mode=0o644)
 
     def read_signal(self) -> dict | None:
-        try:
-            return state.read_json(self.signal_path)
-        except ValueError:
-            return None
+        return self._read(self.signal_path)
 
 
 def quarantine_message(entry: dict) -> str:
