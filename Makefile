@@ -3,7 +3,8 @@
 #   make deb     VERSION=1.2.3   dist/unbounded-agent_<version>_all.deb, checked with lintian
 #   make test                    fast tests and the systemd test-host tests (needs root)
 #   make demo                    boots a test host, installs the .deb and shows what a user sees
-#   make bench                   timings and peak memory (tests/bench_*.py)
+#   make check                   ruff (lint) on lib/, tests/, demo/, bench/ and packaging/, then mypy on lib/
+#   make bench                   timings and peak memory (bench/bench_*.py)
 #   make e2e-cluster             the watcher against the cluster KUBECONFIG names
 SHELL := /bin/bash
 VERSION ?= $(shell cat VERSION)
@@ -12,9 +13,9 @@ PY := /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 DEB := $(DIST)/unbounded-agent_$(VERSION)_all.deb
-DEB_BUILD := build/deb
+DEB_BUILD ?= build/deb
 
-.PHONY: all setup release deb venv test test-fast testhost-tree demo bench e2e-cluster clean
+.PHONY: all setup release deb venv check test test-fast testhost-tree demo bench e2e-cluster clean
 
 all: deb
 
@@ -49,24 +50,28 @@ $(VENV)/.ready: tests/requirements.txt | setup
 venv: $(VENV)/.ready
 
 testhost-tree: venv
-	$(VPY) tests/testhost_tree.py
+	$(VPY) tests/support/testhost_tree.py
+
+check: venv
+	$(VENV)/bin/ruff check lib tests demo bench packaging
+	$(VENV)/bin/mypy lib
 
 test: venv deb
-	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest tests --ignore=tests/test_e2e_cluster.py
+	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest tests/unit tests/host
 
 test-fast: venv
-	$(VPY) -m pytest tests -m "not testhost" --ignore=tests/test_e2e_cluster.py
+	$(VPY) -m pytest tests/unit
 
 demo: venv deb
-	$(VPY) tests/demo.py --deb $(DEB)
+	$(VPY) demo/demo.py --deb $(DEB)
 
 # The watcher's end-to-end tests against the real cluster KUBECONFIG names (skipped when unset).
 e2e-cluster: venv
-	UNBOUNDED_E2E_CLUSTER=1 $(VPY) -m pytest -rs tests/test_e2e_cluster.py
+	UNBOUNDED_E2E_CLUSTER=1 $(VPY) -m pytest -rs tests/cluster
 
 # Speed and memory targets are measured here, never asserted in tests.
 bench: venv deb
-	@for b in tests/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+	@for b in bench/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
 
 clean:
 	rm -rf build $(DIST) $(VENV)

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+SUPPORT_DIR = TESTS_DIR / "support"  # the test host, the test API server, fakes
+if str(SUPPORT_DIR) not in sys.path:
+    sys.path.insert(0, str(SUPPORT_DIR))
 
 import testhost_tree  # noqa: E402
 from testhost import TestHost, boot_testhost  # noqa: E402
@@ -45,7 +46,7 @@ def _overlay_supported() -> bool:
     return listed()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def testhost_unavailable_reason() -> str | None:
     """Why a test host cannot boot here, or None if it can."""
     if os.geteuid() != 0:

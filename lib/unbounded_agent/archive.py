@@ -1,4 +1,4 @@
-"""Validation and extraction of the agent release archive for the download-stage step (issue 3).
+"""Validation and extraction of the agent release archive for the download-stage step.
 
 The archive is a gzip-compressed tar holding exactly one member: a regular file named exactly
 ``unbounded-agent``. Anything else is refused with a message that names the problem.
@@ -342,23 +342,30 @@ class _Output:
             self.path = None
             raise _io_error(e, f"cannot create a file in {self.directory}") from None
 
+    def _opened(self) -> tuple[int, Path]:
+        # open() sets both or neither, and write()/finish() are only called after it succeeded.
+        assert self._fd is not None and self.path is not None, "the member's output file is not open"
+        return self._fd, self.path
+
     def write(self, data: bytes) -> None:
+        fd, path = self._opened()
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._fd, view) :]
+                view = view[os.write(fd, view) :]
         except OSError as e:
-            raise _io_error(e, f"cannot write {self.path}") from None
+            raise _io_error(e, f"cannot write {path}") from None
 
     def finish(self) -> Path:
+        fd, path = self._opened()
         try:
-            os.fchmod(self._fd, 0o755)  # never the archive's mode: no setuid, setgid or sticky bit
-            os.fsync(self._fd)
+            os.fchmod(fd, 0o755)  # never the archive's mode: no setuid, setgid or sticky bit
+            os.fsync(fd)
         except OSError as e:
-            raise _io_error(e, f"cannot write {self.path}") from None
-        os.close(self._fd)
+            raise _io_error(e, f"cannot write {path}") from None
+        os.close(fd)
         self._fd = None
-        return self.path
+        return path
 
     def discard(self) -> None:
         if self._fd is not None:

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from .reasons import OpsError, Reason
 
@@ -15,8 +16,13 @@ DEFAULT_CONFIG_PATH = "/etc/unbounded/agent/config.yaml"
 DEFAULT_BIN_DIR = "/var/lib/unbounded-agent/bin"
 DEFAULT_STATE_DIR = "/var/lib/unbounded-agent"
 
+# The toolset's own state (the operation queue, results, the reset's checkpoint and reports): not the
+# agent's, so a reset does not remove it.
+OPS_DIR = "/var/lib/unbounded-agent-ops"
+
 # Environment overrides exist for tests and for hosts that keep the config elsewhere.
 ENV_CONFIG = "UNBOUNDED_AGENT_CONFIG"
+ENV_OPS_DIR = "UNBOUNDED_AGENT_OPS_DIR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Config:
 
 
 # key in the file -> (attribute, accepted types)
-_KEYS = {
+_KEYS: dict[str, tuple[str, tuple[type[Any], ...]]] = {
     "machineName": ("machine_name", (str,)),
     "kubeconfig": ("kubeconfig", (str,)),
     "binDir": ("bin_dir", (str,)),
@@ -58,6 +64,10 @@ _KEYS = {
     "readyWithoutApiSeconds": ("ready_without_api_seconds", (int, float)),
 }
 _PATHS = ("binDir", "stateDir")
+
+
+def ops_dir() -> Path:
+    return Path(os.environ.get(ENV_OPS_DIR) or OPS_DIR)
 
 
 def config_path() -> str:
@@ -93,7 +103,7 @@ def parse(raw: bytes, path: str) -> dict:
 
 
 def _build(data: dict, source: str) -> Config:
-    values = {}
+    values: dict[str, Any] = {}
     unknown = sorted(str(k) for k in data if k not in _KEYS)
     if unknown:
         # Refuse rather than ignore: a typo in a tunable must not silently fall back to a default.

@@ -1,6 +1,6 @@
 """`unbounded-agent daemon`: the long-running agent under unbounded-agent-daemon.service.
 
-It runs the MachineOperation watcher (watcher.py) for this machine. systemd learns three things from it:
+It runs the MachineOperation watcher (kube/watcher.py) for this machine. systemd learns three things from it:
 - READY=1 (Type=notify) once the first list of MachineOperations succeeded — or, when the API server
   cannot be reached, after a short grace (watcher.ready_grace): the host side must not depend on the API;
 - WATCHDOG=1 from a thread, every quarter of WatchdogSec=, but only while the main loop is alive (its
@@ -64,7 +64,8 @@ def start_watchdog(alive, stop: threading.Event, notify=systemd.notify) -> threa
 
 
 def run(cfg: Config) -> int:
-    from . import kubeclient, watcher
+    from .kube import client as kubeclient
+    from .kube import watcher
 
     stop = threading.Event()
 

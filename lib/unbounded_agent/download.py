@@ -1,4 +1,4 @@
-"""Download of the release archive for the download-stage step (issue 3).
+"""Download of the release archive for the download-stage step.
 
 The body is streamed into a file the caller owns, in constant memory, while its SHA-256 is computed.
 Every bound is enforced here, not left to the server's good behaviour: connect and read timeouts, an
@@ -19,13 +19,12 @@ import http.client
 import os
 import socket
 import ssl
-import threading
 import time
 import typing
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
-from . import urls
+from . import deadline, urls
 from .reasons import OpsError, Reason
 
 CHUNK_BYTES = 256 * 1024
@@ -85,113 +84,6 @@ def download(
     return digest
 
 
-def check_free_space(path: str | os.PathLike, needed_bytes: int) -> None:
-    """Refuse to start when the filesystem holding ``path`` has less than ``needed_bytes`` free."""
-    try:
-        st = os.statvfs(path)
-    except OSError as e:
-        raise OpsError(Reason.EXECUTION_FAILED, f"cannot check free space on {path}: {e.strerror}") from None
-    available = st.f_bavail * st.f_frsize  # what an unprivileged writer may use; keeps root's reserve
-    if available < needed_bytes:
-        raise OpsError(
-            Reason.INSUFFICIENT_SPACE,
-            f"not enough free space: needs {needed_bytes} bytes, {available} available on {path}",
-        )
-    if st.f_files and not st.f_favail:  # some filesystems (btrfs) report no inode counts at all
-        raise OpsError(Reason.INSUFFICIENT_SPACE, f"not enough free space: no free inodes on {path}")
-
-
-class _Watchdog:
-    """Enforces the overall deadline by shutting down the transfer's sockets when it passes.
-
-    Timeouts alone cannot: a read timeout restarts with every byte, so a server trickling one byte a
-    second keeps a read going forever, and a single read call may wait for many bytes. Shutting a
-    socket down wakes any read blocked on it, in any thread; the transfer then sees ``fired``.
-
-    It holds the socket objects themselves (not file descriptors), so a socket closed meanwhile is simply
-    skipped and a recycled descriptor is never touched. Not covered: the TCP connect, and the TLS handshake,
-    while ``ssl`` has detached the plain socket to wrap it. Both are bounded as a whole by the connect
-    timeout (Python's ``ssl`` applies a socket timeout to the whole handshake, not to each read).
-    """
-
-    def __init__(self, seconds: float):
-        self.fired = False
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._done = False
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.append(sock)
-            if self.fired:
-                _shutdown(sock)
-
-    def _fire(self) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self.fired = True
-            for sock in self._sockets:
-                _shutdown(sock)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._done = True
-            self._sockets.clear()
-        self._timer.cancel()
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)  # unlike close(), wakes a recv() blocked in another thread
-    except OSError:
-        pass  # closed, detached or never connected: nothing to wake
-
-
-def _session(watchdog: _Watchdog):
-    """A requests session whose connections hand every socket they use to the watchdog."""
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-
-    def watched(pool_cls):
-        class Connection(pool_cls.ConnectionCls):
-            # http.client drops ``sock`` as soon as a "Connection: close" response begins (the response
-            # keeps reading from it), so catch each socket when it is assigned rather than look later.
-            @property
-            def sock(self):
-                return self.__dict__.get("_watched_sock")
-
-            @sock.setter
-            def sock(self, value):
-                self.__dict__["_watched_sock"] = value
-                if value is not None:
-                    watchdog.watch(value)
-
-        return type(pool_cls.__name__, (pool_cls,), {"ConnectionCls": Connection})
-
-    pools = {"http": watched(HTTPConnectionPool), "https": watched(HTTPSConnectionPool)}
-
-    class Adapter(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs):
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = pools
-
-        def proxy_manager_for(self, proxy, **kwargs):
-            manager = super().proxy_manager_for(proxy, **kwargs)
-            if not proxy.lower().startswith("socks"):  # SOCKS managers need their own pool classes
-                manager.pool_classes_by_scheme = pools
-            return manager
-
-    session = requests.Session()
-    for prefix in ("https://", "http://"):
-        session.mount(prefix, Adapter())
-    return session
-
-
 class _Transfer:
     def __init__(self, url: str, limits: Limits, ca_bundle: str | None, progress):
         self.url = url  # the URL being fetched: changes with each redirect, named in every message
@@ -200,7 +92,7 @@ class _Transfer:
         self.progress = progress
         self.received = 0
         self.total: int | None = None
-        self.watchdog: _Watchdog | None = None
+        self.watchdog: deadline.Watchdog | None = None
         self.deadline = 0.0
         self.responded = False  # headers of the final response arrived: a timeout now is in the body
 
@@ -210,12 +102,12 @@ class _Transfer:
 
         network_errors = (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
         self.deadline = time.monotonic() + self.limits.deadline_seconds
-        self.watchdog = _Watchdog(self.limits.deadline_seconds)
-        session = _session(self.watchdog)
+        self.watchdog = deadline.Watchdog(self.limits.deadline_seconds)
+        session = deadline.session(self.watchdog)
         try:
             response = self._open(session)
             with response:
-                return self._receive(response, dest)
+                return self._receive(response, dest, self.watchdog)
         except OpsError:
             raise
         except _ProgressFailed as e:
@@ -281,7 +173,7 @@ class _Transfer:
             message = f"refused redirect from {urls.redact(self.url)}: {e.message}"
             raise OpsError(Reason.DOWNLOAD_FAILED, message) from None
 
-    def _receive(self, response, dest: typing.BinaryIO) -> str:
+    def _receive(self, response, dest: typing.BinaryIO, watchdog: deadline.Watchdog) -> str:
         self.responded = True
         status = response.status_code
         if status != 200:
@@ -311,12 +203,12 @@ class _Transfer:
             digest.update(chunk)
             self.received += len(chunk)
             now = time.monotonic()
-            if self.watchdog.fired or now > self.deadline:
+            if watchdog.fired or now > self.deadline:
                 raise self._deadline_error()
             if now - last_report >= PROGRESS_INTERVAL_SECONDS:
                 self._report()
                 last_report = now
-        if self.watchdog.fired:  # the shutdown may end a read as a clean end of stream
+        if watchdog.fired:  # the shutdown may end a read as a clean end of stream
             raise self._deadline_error()
         if self.total is not None and self.received != self.total:
             # http.client does not raise when a body is shorter than its Content-Length: it just ends.

@@ -8,6 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
+from .reasons import OpsError, Reason
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -74,7 +76,7 @@ def atomic_symlink(target: str, link: str | os.PathLike) -> None:
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     """Remove temporaries left by a crash in the middle of one of the operations above."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(Path(directory).iterdir())
     except FileNotFoundError:
@@ -84,3 +86,19 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def check_free_space(path: str | os.PathLike, needed_bytes: int) -> None:
+    """Refuse to start when the filesystem holding ``path`` has less than ``needed_bytes`` free."""
+    try:
+        st = os.statvfs(path)
+    except OSError as e:
+        raise OpsError(Reason.EXECUTION_FAILED, f"cannot check free space on {path}: {e.strerror}") from None
+    available = st.f_bavail * st.f_frsize  # what an unprivileged writer may use; keeps root's reserve
+    if available < needed_bytes:
+        raise OpsError(
+            Reason.INSUFFICIENT_SPACE,
+            f"not enough free space: needs {needed_bytes} bytes, {available} available on {path}",
+        )
+    if st.f_files and not st.f_favail:  # some filesystems (btrfs) report no inode counts at all
+        raise OpsError(Reason.INSUFFICIENT_SPACE, f"not enough free space: no free inodes on {path}")

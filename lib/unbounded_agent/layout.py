@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from . import fsutil
+from .reasons import OpsError, Reason
 
 BLUE = "unbounded-agent-blue"
 GREEN = "unbounded-agent-green"
@@ -70,6 +71,9 @@ class Layout:
             done.append(f"installed the packaged agent as {BLUE} and pointed {CURRENT} at it")
         if self.resolves(LAST_GOOD) is None:
             target = self.link_target(CURRENT)
+            if target is None:  # current works but is a regular file, not a link to a slot
+                raise OpsError(Reason.EXECUTION_FAILED,
+                               f"{self.path(CURRENT)} is not a link to a slot: cannot point {LAST_GOOD} at it")
             fsutil.atomic_symlink(target, self.path(LAST_GOOD))
             done.append(f"pointed {LAST_GOOD} at {target}")
         if self.link_target(COMPAT) != CURRENT:
@@ -90,3 +94,23 @@ def binary_version(path: str | os.PathLike, timeout: float = 10.0) -> str | None
         return None
     words = out.stdout.split()
     return words[-1] if words else None
+
+
+PACKAGED_AGENT = "/usr/lib/unbounded-agent/unbounded-agent"
+
+
+def seed_main(argv: list[str] | None = None) -> int:
+    """bin/unbounded-agent-seed-slots [AGENT]: seed the slots from the packaged agent (the postinst runs it)."""
+    import sys
+
+    from . import log, program
+
+    ap = program.parser("unbounded-agent-seed-slots", seed_main.__doc__)
+    ap.add_argument("agent", nargs="?", default=PACKAGED_AGENT, help=f"the agent binary to seed (default {PACKAGED_AGENT})")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def seed_slots(cfg) -> None:
+        for action in Layout(cfg.bin_dir).seed(args.agent) or ["slots and links already in place"]:
+            log.info(action)
+
+    return program.run("unbounded-agent-seed-slots", seed_slots)

@@ -25,6 +25,8 @@ class Reason(str, enum.Enum):
     UNSAFE_REMOVAL = "UnsafeRemoval"
     MACHINE_STILL_RUNNING = "MachineStillRunning"
     RESET_INCOMPLETE = "ResetIncomplete"
+    # the queue
+    SUPERSEDED = "Superseded"
 
     @property
     def exit_code(self) -> int:
@@ -52,6 +54,7 @@ _EXIT_CODES = {
     Reason.UNSAFE_REMOVAL: 22,
     Reason.MACHINE_STILL_RUNNING: 23,
     Reason.RESET_INCOMPLETE: 24,
+    Reason.SUPERSEDED: 25,
 }
 
 
@@ -62,8 +65,9 @@ def describe_error(e: BaseException) -> str:
     if name or message:
         dec = [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in (message, name) if x]
         return f"{dec[0]} ({dec[1]})" if len(dec) == 2 else dec[0]
-    if getattr(e, "strerror", None):
-        return f"{e.strerror} (errno {e.errno})"
+    strerror = getattr(e, "strerror", None)
+    if strerror:
+        return f"{strerror} (errno {getattr(e, 'errno', None)})"
     return str(e).split("\n")[0] or type(e).__name__
 
 

@@ -1,10 +1,36 @@
-"""systemd over D-Bus through pystemd (imported lazily: the `version` path must not pay for it)."""
+"""systemd over D-Bus through pystemd: the one place the toolset talks to systemd1 and machine1.
+
+pystemd is imported inside each call, so a program that never talks to systemd (``unbounded-agent
+version``) never pays for it. Every failure — bus unreachable, access denied, a unit systemd refuses —
+raises ``SystemdError``, whose message carries the D-Bus error's name and text; callers decide what it
+means for them (the reset fails closed on it, the upgrade records it).
+"""
+
+from __future__ import annotations
+
+import time
+
+from .reasons import describe_error
 
 DAEMON_UNIT = "unbounded-agent-daemon.service"
+RUNNING_STATES = frozenset({"active", "activating", "deactivating", "reloading"})
+# ExecMainCode is a waitid() si_code: how the main process ended.
+_CLD = {1: "exited", 2: "killed", 3: "dumped"}
+# UnitFileState values that mean "does not start at boot".
+NOT_ENABLED = frozenset({"", "disabled", "not-found", "masked", "masked-runtime", "static", "indirect", "bad",
+                         "generated", "transient"})
 
 
-class SystemdUnavailable(Exception):
-    """The system bus or systemd could not be reached."""
+class SystemdError(Exception):
+    """systemd (or machined) could not be reached, or refused the request."""
+
+
+def _fail(what: str, e: BaseException) -> SystemdError:
+    return SystemdError(f"{what}: {describe_error(e)}")
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def notify(**fields: str | int) -> None:
@@ -14,57 +40,112 @@ def notify(**fields: str | int) -> None:
     _notify(False, **{k.upper(): v for k, v in fields.items()})
 
 
-def unit_state(name: str) -> dict:
-    """The few unit properties that status and the tools need, as plain Python values."""
-    from pystemd.systemd1 import Unit
-
-    try:
-        with Unit(name.encode(), _autoload=True) as unit:
-            state = {
-                "unit": name,
-                "load_state": unit.Unit.LoadState.decode(),
-                "active_state": unit.Unit.ActiveState.decode(),
-                "sub_state": unit.Unit.SubState.decode(),
-                "unit_file_state": unit.Unit.UnitFileState.decode(),
-            }
-            if name.endswith(".service") and state["load_state"] == "loaded":
-                state["main_pid"] = int(unit.Service.MainPID)
-                state["result"] = unit.Service.Result.decode()
-            return state
-    except Exception as e:  # pystemd raises plain DBus errors; keep the caller's handling simple
-        raise SystemdUnavailable(f"cannot query {name} over D-Bus: {e}") from None
+# -- the manager -------------------------------------------------------------------------------------
 
 
-# -- AgentUpgrade: start/restart units and watch the daemon (used by the upgrade_* modules) ----------
-
-_BUSY_STATES = {"active", "activating", "deactivating", "reloading"}
-# ExecMainCode is a waitid() si_code: how the main process ended.
-_CLD = {1: "exited", 2: "killed", 3: "dumped"}
-
-
-def _manager_call(method: str, *args: bytes):
+def _manager_call(method: str, *args):
     from pystemd.systemd1 import Manager
 
     try:
         with Manager() as m:
             return getattr(m.Manager, method)(*args)
     except Exception as e:
-        raise SystemdUnavailable(f"{method}({', '.join(a.decode() for a in args)}) failed: {e}") from None
+        shown = ", ".join(_text(a) if isinstance(a, (bytes, str)) else repr(a) for a in args)
+        raise _fail(f"{method}({shown}) failed", e) from None
 
 
-def start_unit(name: str, mode: str = "replace") -> None:
-    """Queue a start job and return at once (like `systemctl start --no-block`)."""
-    _manager_call("StartUnit", name.encode(), mode.encode())
+def start_unit(name: str, mode: str = "replace") -> str:
+    """Queue a start job and return at once (like `systemctl start --no-block`); the job's object path."""
+    return _text(_manager_call("StartUnit", name.encode(), mode.encode()))
 
 
-def restart_unit(name: str, mode: str = "replace") -> None:
+def restart_unit(name: str, mode: str = "replace") -> str:
     """Queue a restart job and return at once (like `systemctl restart --no-block`)."""
-    _manager_call("RestartUnit", name.encode(), mode.encode())
+    return _text(_manager_call("RestartUnit", name.encode(), mode.encode()))
+
+
+def stop_unit(name: str, mode: str = "replace") -> str:
+    return _text(_manager_call("StopUnit", name.encode(), mode.encode()))
 
 
 def reset_failed(name: str) -> None:
     """Clear the failed state and the start-limit counter (some SELinux policies deny this)."""
     _manager_call("ResetFailedUnit", name.encode())
+
+
+def kill_unit(name: str, who: str, signal: int) -> None:
+    _manager_call("KillUnit", name.encode(), who.encode(), signal)
+
+
+def disable_unit_files(names: list[str]) -> None:
+    _manager_call("DisableUnitFiles", [n.encode() for n in names], False)
+
+
+def reload() -> None:
+    """daemon-reload; the reply comes once the manager has re-read its units."""
+    _manager_call("Reload")
+
+
+def list_units(patterns: list[str]) -> list[str]:
+    """Loaded units (running or not) whose names match any of the glob patterns."""
+    found = _manager_call("ListUnitsByPatterns", [], [p.encode() for p in patterns])
+    return sorted({_text(u[0]) for u in found})
+
+
+def jobs() -> list[dict]:
+    """The queued jobs: id, unit, type, state and object path."""
+    return [{"id": int(j[0]), "unit": _text(j[1]), "type": _text(j[2]), "state": _text(j[3]), "path": _text(j[4])}
+            for j in _manager_call("ListJobs")]
+
+
+def unit_file_state(name: str) -> str:
+    """UnitFileState (enabled, disabled, static, masked ...): "not-found" only when no unit file exists.
+    Any other error raises: a state that cannot be read is never taken for "not enabled"."""
+    from pystemd.systemd1 import Manager
+
+    try:
+        with Manager() as m:
+            return _text(m.Manager.GetUnitFileState(name.encode()))
+    except Exception as e:
+        text = describe_error(e)
+        if any(s in text for s in ("NoSuchUnit", "FileNotFound", "No such file", "not found")):
+            return "not-found"
+        raise _fail(f"cannot read the unit file state of {name}", e) from None
+
+
+def enabled(file_state: str) -> bool:
+    return file_state not in NOT_ENABLED
+
+
+# -- units -------------------------------------------------------------------------------------------
+
+
+def unit_state(name: str) -> dict:
+    """The unit's load, active and sub state, file state, queued job, and for a loaded service its main
+    PID, result and main exit status — as plain Python values."""
+    from pystemd.systemd1 import Unit
+
+    try:
+        with Unit(name.encode(), _autoload=True) as unit:
+            state = {
+                "unit": name,
+                "load_state": _text(unit.Unit.LoadState),
+                "active_state": _text(unit.Unit.ActiveState),
+                "sub_state": _text(unit.Unit.SubState),
+                "unit_file_state": _text(unit.Unit.UnitFileState),
+                "job": int(unit.Unit.Job[0]),
+            }
+            if name.endswith(".service") and state["load_state"] == "loaded":
+                state["main_pid"] = int(unit.Service.MainPID)
+                state["result"] = _text(unit.Service.Result)
+                state["exit_status"] = int(unit.Service.ExecMainStatus)
+            return state
+    except Exception as e:
+        raise _fail(f"cannot query {name} over D-Bus", e) from None
+
+
+def running(state: dict) -> bool:
+    return state["active_state"] in RUNNING_STATES
 
 
 def busy(names: list[str]) -> list[str]:
@@ -75,11 +156,10 @@ def busy(names: list[str]) -> list[str]:
     for name in names:
         try:
             with Unit(name.encode(), _autoload=True) as unit:
-                job_id = unit.Unit.Job[0]
-                if unit.Unit.ActiveState.decode() in _BUSY_STATES or job_id:
+                if _text(unit.Unit.ActiveState) in RUNNING_STATES or unit.Unit.Job[0]:
                     found.append(name)
         except Exception as e:
-            raise SystemdUnavailable(f"cannot query {name} over D-Bus: {e}") from None
+            raise _fail(f"cannot query {name} over D-Bus", e) from None
     return found
 
 
@@ -92,19 +172,19 @@ def service_snapshot(name: str) -> dict:
             svc = unit.Service
             code = int(svc.ExecMainCode)
             return {
-                "active_state": unit.Unit.ActiveState.decode(),
-                "sub_state": unit.Unit.SubState.decode(),
+                "active_state": _text(unit.Unit.ActiveState),
+                "sub_state": _text(unit.Unit.SubState),
                 "invocation": bytes(unit.Unit.InvocationID).hex(),
                 "job": int(unit.Unit.Job[0]),
                 "main_pid": int(svc.MainPID),
                 "n_restarts": int(svc.NRestarts),
-                "result": svc.Result.decode(),
+                "result": _text(svc.Result),
                 "exec_main_code": _CLD.get(code, str(code) if code else None),
                 "exec_main_status": int(svc.ExecMainStatus),
                 "exec_main_pid": int(svc.ExecMainPID),
             }
     except Exception as e:
-        raise SystemdUnavailable(f"cannot query {name} over D-Bus: {e}") from None
+        raise _fail(f"cannot query {name} over D-Bus", e) from None
 
 
 def unit_property(name: str, interface: str, prop: str):
@@ -114,4 +194,50 @@ def unit_property(name: str, interface: str, prop: str):
         with Unit(name.encode(), _autoload=True) as unit:
             return getattr(getattr(unit, interface), prop)
     except Exception as e:
-        raise SystemdUnavailable(f"cannot query {name} over D-Bus: {e}") from None
+        raise _fail(f"cannot query {name} over D-Bus", e) from None
+
+
+def stop_and_wait(name: str, timeout: float, poll: float = 0.2) -> bool:
+    """Stop a unit and wait until it no longer runs; False if it still runs after timeout."""
+    stop_unit(name)
+    deadline = time.monotonic() + timeout
+    while running(unit_state(name)):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def wait_jobs_done(job_paths: list[str], poll: float = 0.1, on_poll=None) -> None:
+    """Wait until none of the given jobs is queued or running any more (the units then have a result)."""
+    pending = set(job_paths)
+    while True:
+        if on_poll:
+            on_poll()
+        if not pending & {j["path"] for j in jobs()}:
+            return
+        time.sleep(poll)
+
+
+# -- machined ---------------------------------------------------------------------------------------
+
+
+def list_machines() -> set[str]:
+    """Names of the machines systemd-machined lists."""
+    from pystemd.machine1 import Manager
+
+    try:
+        with Manager() as m:
+            return {_text(entry[0]) for entry in m.Manager.ListMachines()}
+    except Exception as e:
+        raise _fail("cannot list machines through systemd-machined", e) from None
+
+
+def kill_machine(name: str, who: str, signal: int) -> None:
+    from pystemd.machine1 import Manager
+
+    try:
+        with Manager() as m:
+            m.Manager.KillMachine(name.encode(), who.encode(), signal)
+    except Exception as e:
+        raise _fail(f"cannot kill machine {name}", e) from None

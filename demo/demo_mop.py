@@ -1,0 +1,158 @@
+"""`make demo` chapter: MachineOperations driven with kubectl, as in the Unbounded docs.
+
+run(host, say) expects the .deb installed on host (demo.py does that first; if an earlier chapter reset the
+host, the agent is put back from the toolset package first). It starts the test API server outside the host, links the host to it
+(a veth pair), gives the agent its credential, and then, with kubectl only:
+  1. applies an AgentUpgrade to a new release and watches it: Pending → InProgress → Complete;
+  2. applies an AgentUpgrade to a release whose daemon crashes and watches it fail with DaemonFailed,
+     while the host keeps running the good version;
+  3. applies an AgentReset and watches it complete before the agent removes itself (the dispatcher waits at
+     the reset's gate until the daemon has published Complete, then runs the phase that removes the agent).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+for _p in (REPO / "demo", REPO / "tests" / "support", REPO / "lib"):  # run from demo.py as a script
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import releases  # noqa: E402
+from mop_host import KUBECTL, KubeLink, daemon_state, mop, wait_until  # noqa: E402
+
+from demo import show  # noqa: E402
+
+TERMINAL = ("Complete", "Failed")
+
+
+def kubectl(kube: KubeLink, *args: str) -> str:
+    print(f"$ kubectl {shlex.join(args)}", flush=True)
+    r = kube.kubectl(*args, check=False)
+    out = (r.stdout + r.stderr).rstrip()
+    if out:
+        print(out, flush=True)
+    return r.stdout
+
+
+def apply(kube: KubeLink, manifest: dict) -> None:
+    name = manifest["metadata"]["name"]
+    path = kube.workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    print(f"$ cat {path.name}\n{path.read_text().rstrip()}", flush=True)
+    print(f"$ kubectl apply -f {path.name}", flush=True)
+    print(kube.kubectl("apply", "-f", str(path)).stdout.rstrip(), flush=True)
+
+
+def watch(kube: KubeLink, name: str, timeout: float = 300) -> str:
+    """`kubectl get mop NAME -w`, printed live, until the operation is Complete or Failed."""
+    print(f"$ kubectl get mop {name} -w", flush=True)
+    proc = subprocess.Popen([KUBECTL, "get", "mop", name, "-w"], env=kube.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    phase = ""
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            print(line.rstrip(), flush=True)
+            cells = line.split()
+            if len(cells) >= 4 and cells[0] == name and cells[3] in TERMINAL:
+                phase = cells[3]
+                break
+            if time.monotonic() > deadline:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print("^C", flush=True)
+    return phase
+
+
+def _ensure_agent(host, say) -> None:
+    """An earlier chapter may have reset the host (the agent removed itself, the toolset package stayed): put
+    the agent back as bootstrap does — seed the slots from the package, enable and start the daemon."""
+    if daemon_state(host).get("ActiveState") == "active":
+        return
+    say("The agent was reset in the previous chapter: putting it back (seed the slots, start the daemon)")
+    show(host, ["/usr/libexec/unbounded-agent/unbounded-agent-seed-slots"], check=True)
+    show(host, ["systemctl", "enable", "--now", "unbounded-agent-daemon.service"], check=True)
+    wait_until("the daemon", lambda: daemon_state(host).get("ActiveState") == "active", timeout=60)
+
+
+def run(host, say) -> None:
+    _ensure_agent(host, say)
+    work = Path(tempfile.mkdtemp(prefix="demo-mop-"))
+    say("MachineOperations: a Kubernetes API server (the test one) and a link from the host to it")
+    kube = KubeLink.start(host, work)
+    try:
+        print(f"API server at {kube.server.url}; the agent's credential is in group unbounded-agent-daemons "
+              "(packaging/kubernetes/rbac.yaml)", flush=True)
+        kubectl(kube, "create", "-f", str(_machine_manifest(kube, host.name)))
+        kube.configure_agent(host)
+        show(host, ["cat", "/etc/unbounded/agent/config.yaml"])
+        show(host, ["systemctl", "status", "--no-pager", "--lines=4", "unbounded-agent-daemon"])
+        kubectl(kube, "get", "crd", "machineoperations.unbounded-cloud.io")
+        before = host.run(["unbounded-agent", "version"]).stdout.split()[-1]
+
+        say("Building two releases with `make release`: 2.0.0, and 9.0.0 whose daemon crashes at start")
+        good = releases.real_release(REPO, "2.0.0", work / "2.0.0")
+        crash = releases.script_release(work / "crash.tar.gz", version="9.0.0", daemon="crash")
+        urls = {"good": host.serve(good, "agent-2.0.0.tar.gz"), "crash": host.serve(crash, "agent-9.0.0.tar.gz")}
+
+        say(f"AgentUpgrade {before} → 2.0.0: apply, then watch it (the daemon restarts into the new binary)")
+        apply(kube, mop(f"upgrade-agent-{host.name}", host.name, "AgentUpgrade", downloadURL=urls["good"],
+                        sha256=releases_digest(good)))
+        watch(kube, f"upgrade-agent-{host.name}")
+        show(host, ["unbounded-agent", "version"])
+        kubectl(kube, "describe", "mop", f"upgrade-agent-{host.name}")
+        wait_until("the new daemon's annotation", lambda: "2.0.0" in kube.kubectl(
+            "get", "machine", host.name, "-o", "yaml").stdout, timeout=30)
+        kubectl(kube, "get", "machine", host.name, "-o",
+                "jsonpath={.metadata.annotations.unbounded-cloud\\.io/agent-version}{\"\\n\"}")
+
+        say("AgentUpgrade to a release whose daemon crashes: probation rolls it back; the restored daemon "
+            "reports DaemonFailed")
+        apply(kube, mop(f"upgrade-agent-{host.name}-crash", host.name, "AgentUpgrade", downloadURL=urls["crash"]))
+        watch(kube, f"upgrade-agent-{host.name}-crash")
+        kubectl(kube, "get", "mop", "-o", "wide")
+        show(host, ["unbounded-agent", "version"])
+        show(host, ["systemctl", "status", "--no-pager", "--lines=0", "unbounded-agent-daemon"])
+
+        say("AgentReset: the steps that leave the daemon running, Complete on the server, then the agent "
+            "removes itself")
+        apply(kube, mop(f"reset-agent-{host.name}", host.name, "AgentReset"))
+        watch(kube, f"reset-agent-{host.name}")
+        wait_until("the daemon to be removed", lambda: daemon_state(host).get("LoadState") == "not-found"
+                   or daemon_state(host).get("ActiveState") in ("inactive", "failed"), timeout=120)
+        show(host, ["systemctl", "status", "--no-pager", "--lines=3", "unbounded-agent-daemon"])
+        # Complete was published at the reset's gate; the dispatcher then finished the reset without the daemon
+        requests = host.path("/var/lib/unbounded-agent-ops/spool/requests")
+        wait_until("the dispatcher to finish the reset", lambda: not any(requests.iterdir()), timeout=300)
+        show(host, ["journalctl", "--no-pager", "-o", "cat", "-u", "unbounded-agent-dispatch", "--grep",
+                    f"reset reset-agent-{host.name}"])
+        kubectl(kube, "get", "mop")
+        agent = kube.agent_requests()
+        print(f"(the agent sent {len(agent)} requests to the API server in this chapter)", flush=True)
+    finally:
+        kube.stop()
+
+
+def _machine_manifest(kube: KubeLink, name: str) -> Path:
+    """The host's Machine (the test server serves a stand-in of the Unbounded Machine type)."""
+    path = kube.workdir / f"machine-{name}.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "unbounded-cloud.io/v1alpha3", "kind": "Machine",
+                                    "metadata": {"name": name}, "spec": {}}, sort_keys=False))
+    return path
+
+
+def releases_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

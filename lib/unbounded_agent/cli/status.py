@@ -1,0 +1,108 @@
+"""``unbounded-agent status [--json]``: what is installed, what runs, what is queued, and how the last
+operations ended."""
+
+from __future__ import annotations
+
+from .. import layout, records, systemd
+from ..config import Config
+from ..version import VERSION
+
+
+def collect(cfg: Config) -> dict:
+    from ..queue.spool import Spool
+    from ..upgrade.record import Store, UpgradeRecord
+
+    lay = layout.Layout(cfg.bin_dir)
+    versions = {}  # current and last-good are often the same slot: ask each binary once
+
+    def target(link: str) -> dict:
+        name = lay.link_target(link)
+        real = lay.resolves(link)
+        if real and real not in versions:
+            versions[real] = layout.binary_version(real)
+        return {"link": str(lay.path(link)), "target": name, "valid": real is not None,
+                "version": versions.get(real) if real else None}
+
+    store = Store(cfg)
+    try:
+        rec = records.load(UpgradeRecord, store.record_path)
+        upgrade = records.to_dict(rec) if rec else None
+    except records.CorruptRecord as e:
+        rec, upgrade = None, {"error": str(e)}
+    try:
+        daemon = systemd.unit_state(systemd.DAEMON_UNIT)
+    except systemd.SystemdError as e:
+        daemon = {"unit": systemd.DAEMON_UNIT, "error": str(e)}
+    spool = Spool()
+    try:
+        queue: list[dict] | None = [
+            {"id": r.id, "kind": r.kind, "operation": r.name, "source": r.source, "submitted_at": r.submitted_at,
+             "state": "running" if p.name.endswith(".claimed") else "queued"} for p, r in spool.queue()]
+    except PermissionError:
+        queue = None  # the spool is root's: requests may carry signed URLs
+    signal = store.read_signal()
+    return {
+        "version": VERSION,
+        "machine_name": cfg.machine_name,
+        "config": cfg.source,
+        "bin_dir": str(cfg.bin_dir),
+        "active_slot": lay.active_slot(),
+        "current": target(layout.CURRENT),
+        "last_good": target(layout.LAST_GOOD),
+        "upgrade": upgrade,
+        "upgrade_summary": rec.describe() if rec else None,
+        "queue": queue,
+        "results": [records.to_dict(r) for r in spool.recent_results(5)],
+        "quarantine": [records.to_dict(q) for q in store.quarantine()],
+        "rollback_signal": records.to_dict(signal) if signal else None,
+        "daemon": daemon,
+    }
+
+
+def render(st: dict) -> str:
+    def link_line(t: dict) -> str:
+        if t["target"] is None:
+            return "missing"
+        if not t["valid"]:
+            return f"{t['target']} (dangling or not executable)"
+        return f"{t['target']} (version {t['version'] or 'unknown'})"
+
+    d = st["daemon"]
+    if "error" in d:
+        daemon = f"unknown ({d['error']})"
+    elif d["load_state"] != "loaded":
+        daemon = d["load_state"]
+    else:
+        daemon = f"{d['active_state']} ({d['sub_state']})" + (f", pid {d['main_pid']}" if d.get("main_pid") else "")
+    upgrade = st["upgrade"]
+    if upgrade is None:
+        upgrade_line = "none yet"
+    elif "error" in upgrade:
+        upgrade_line = upgrade["error"]
+    else:
+        upgrade_line = st["upgrade_summary"]
+    rows = [
+        ("agent", f"unbounded-agent {st['version']}"),
+        ("machine", st["machine_name"]),
+        ("bin dir", st["bin_dir"]),
+        ("active slot", st["active_slot"] or "none"),
+        ("current", link_line(st["current"])),
+        ("last good", link_line(st["last_good"])),
+        ("upgrade", upgrade_line),
+        ("daemon", daemon),
+    ]
+    if st["queue"] is None:
+        rows.append(("queue", "unknown (only root may read it)"))
+    else:
+        rows += [("queue", f"{q['state']}: {q['kind']} {q['operation']} (request {q['id']}, from {q['source']})")
+                 for q in st["queue"]] or [("queue", "empty")]
+    for r in st["results"]:
+        verdict = "succeeded" if r["succeeded"] else f"failed ({r['reason']})"
+        rows.append(("last results", f"{r['finished_at']} {r['kind']} {r['operation']} {verdict}"))
+    sig = st.get("rollback_signal")
+    if sig:
+        rows.append(("rolled back", f"{sig.get('at')} by {sig.get('kind', 'upgrade')} {sig.get('operation')}: "
+                                      f"{sig.get('failureMessage')}"))
+    rows += [("quarantined", f"version {q.get('version') or '?'} sha256 {(q.get('digest') or '?')[:12]} "
+                             f"({q.get('failure')})") for q in st.get("quarantine") or []]
+    return "\n".join(f"{k + ':':<13}{v}" for k, v in rows)

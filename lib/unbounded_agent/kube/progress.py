@@ -1,0 +1,85 @@
+"""The watcher's own memory of each MachineOperation it claimed: one file per operation, by uid.
+
+An operation is *claimed* by writing ``<state dir>/machineoperations/<uid>.json`` before anything is done for
+it, and every step is recorded there before it is taken (write-ahead), so a restart, a ``kill -9`` or an
+upgrade's daemon restart resumes where it was and never submits a host operation twice. The status to
+publish is kept there too, until the server has it. Files are mode 0600: the parameters may hold a
+download URL with a signed query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .. import log, records
+from ..reasons import OpsError, Reason
+
+PROGRESS_DIR = "machineoperations"
+
+# steps
+ACCEPTED = "accepted"
+SUBMITTING = "submitting"  # the request id is chosen; the request may or may not be queued yet
+SUBMITTED = "submitted"  # the request is queued (or running, or finished): its result decides
+DONE = "done"
+
+
+@dataclasses.dataclass
+class OperationProgress:
+    uid: str
+    name: str
+    kind: str
+    step: str = ACCEPTED
+    operation: str = ""  # the name the host knows it by: <name>@<uid prefix>
+    params: dict = dataclasses.field(default_factory=dict)
+    request_id: str | None = None
+    claimed_at: str = ""
+    started_at: str | None = None
+    finished_at: str | None = None
+    want: dict | None = None  # the status to publish (kube.mop.desired), kept until the server has it
+    written: bool = False
+    gone: bool = False  # deleted from the server: the host finishes what it started, nothing is reported
+    upgrade_phase: str | None = None  # the last upgrade phase an Event announced
+    acked: bool = False  # reset: the gate before the agent's removal was opened for us and acknowledged
+    updated_at: str = ""
+    format: int = 1
+
+    @property
+    def done(self) -> bool:
+        return self.step == DONE
+
+    def require_request_id(self) -> str:
+        """The request id, which every step from submitting on has (it is persisted before the step)."""
+        if not self.request_id:
+            raise OpsError(Reason.EXECUTION_FAILED, f"corrupt progress record for {self.kind} {self.name}: "
+                                                    f"step {self.step} without a request id")
+        return self.request_id
+
+
+class ProgressStore:
+    def __init__(self, state_dir: str | Path):
+        self.dir = Path(state_dir) / PROGRESS_DIR
+
+    def path(self, uid: str) -> Path:
+        return self.dir / f"{uid}.json"
+
+    def load_all(self) -> dict[str, OperationProgress]:
+        out: dict[str, OperationProgress] = {}
+        if not self.dir.is_dir():
+            return out
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                doc = records.load(OperationProgress, p)
+            except records.CorruptRecord as e:
+                log.warn(f"ignoring {e}")
+                continue
+            if doc is not None and doc.uid == p.stem:
+                out[doc.uid] = doc
+        return out
+
+    def save(self, p: OperationProgress) -> None:
+        p.updated_at = records.now()
+        records.save(p, self.path(p.uid), mode=0o600)
+
+    def remove(self, uid: str) -> None:
+        self.path(uid).unlink(missing_ok=True)

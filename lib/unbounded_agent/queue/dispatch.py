@@ -1,0 +1,205 @@
+"""``unbounded-agent-dispatch.service``: run the queued host operations one at a time, each for its whole run
+under the host-operation lock, and write each one's result.
+
+Started by ``unbounded-agent-requests.path`` (``DirectoryNotEmpty=`` on the spool) whenever requests wait,
+and once at boot. It goes on with the request a killed dispatcher had claimed, else claims the oldest one
+by renaming it; takes the host for it; runs it through its chain of units (upgrade/api, reset/api); writes
+its result; removes the request. It exits when nothing waits: the path unit starts it again for the next
+request, also for one that arrived while it was exiting (systemd checks the directory again when the
+service stops).
+
+A reset that is about to remove the agent first gives every request queued behind it a ``Superseded``
+result, and, when its requester asked for it (the watcher, which reports ``Complete`` first), waits at a
+gate until the requester has reported.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+from .. import holdpoint, hostlock, log, program, records, systemd
+from ..reasons import OpsError, Reason
+from .spool import Gate, Request, Result, Spool
+
+MAX_ATTEMPTS = 3  # a request whose run was cut short this often (a crash in the dispatcher) fails
+LOCK_WAIT_SECONDS = 1800.0  # the host held by something else (recovery after a crash, a bootstrap)
+GATE_POLL_SECONDS = 0.2
+GATE_LOG_SECONDS = 60.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    program.parser("unbounded-agent-dispatch", __doc__).parse_args(argv)
+    return program.run("unbounded-agent-dispatch", run, config=False)
+
+
+def run(spool: Spool | None = None) -> None:
+    from .. import config
+
+    spool = (spool or Spool()).ensure()
+    try:
+        cfg, cfg_error = config.load(), None
+    except OpsError as e:
+        cfg, cfg_error = None, e
+        log.error(f"{e}: every queued request fails with it until the config is fixed")
+    while True:
+        for name in spool.sweep():
+            log.warn(f"moved {name} out of the spool to {spool.rejected}: it is not a request")
+        if cfg is not None:
+            _converge_orphan(cfg, spool)
+        entry = spool.claimed() or spool.claim_next()
+        if entry is None:
+            return
+        path, req = entry
+        if req is None or req.kind not in ("upgrade", "rollback", "reset"):
+            rid = path.name.split("-", 1)[1].rsplit(".", 1)[0]
+            spool.finish(path, Result(id=rid, kind=getattr(req, "kind", "?"), operation=rid, source="?", succeeded=False,
+                                      reason=Reason.INVALID_PARAMETERS.value, message=f"unreadable request {path.name}",
+                                      finished_at=records.now()))
+            continue
+        result = dispatch(cfg, cfg_error, spool, path, req)
+        spool.finish(path, result)
+        (log.info if result.succeeded else log.error)(f"{result.describe()} "
+                                                        f"(queued {result.queued_seconds} s, ran {result.seconds} s)")
+
+
+def dispatch(cfg, cfg_error: OpsError | None, spool: Spool, path, req: Request) -> Result:
+    """Run one claimed request to its result. Never raises: every way it can end is a result."""
+    req.attempts += 1
+    req.claimed_at = req.claimed_at or records.now()
+    spool.update(path, req)
+    holdpoint.hold(spool.root, "dispatch-claimed")
+    t0 = time.monotonic()
+    result = Result(id=req.id, kind=req.kind, operation=req.name, source=req.source, succeeded=False,
+                    reason=Reason.EXECUTION_FAILED.value, message="", submitted_at=req.submitted_at,
+                    started_at=req.claimed_at, queued_seconds=_between(req.submitted_at, req.claimed_at),
+                    attempts=req.attempts)
+    log.info(f"{req.kind} {req.name} (request {req.id}, from {req.source}): "
+             + ("starting" if req.attempts == 1 else f"going on after an interruption (attempt {req.attempts})"))
+    try:
+        if cfg_error is not None:
+            raise cfg_error
+        if req.attempts > MAX_ATTEMPTS:
+            raise OpsError(Reason.EXECUTION_FAILED, f"the dispatcher was interrupted {MAX_ATTEMPTS} times while "
+                                                    "running it; giving up (see journalctl -u unbounded-agent-dispatch)")
+        with hostlock.HostLock(req.id, req.kind).acquire(wait=LOCK_WAIT_SECONDS):
+            if req.kind == "reset":
+                _run_reset(spool, req, result)
+            else:
+                _run_upgrade(cfg, req, result)
+    except OpsError as e:
+        result.reason, result.message = e.reason.value, e.message
+    except Exception as e:  # a bug: keep the traceback in the journal; the request still gets a result
+        log.error(traceback.format_exc().rstrip())
+        result.reason, result.message = Reason.EXECUTION_FAILED.value, f"unexpected error: {type(e).__name__}: {e}"
+    result.finished_at = records.now()
+    result.seconds = round(time.monotonic() - t0, 3)
+    return result
+
+
+def _between(a: str | None, b: str | None) -> float | None:
+    import datetime
+
+    if a is None or b is None:
+        return None
+    try:  # AttributeError: a record read from disk may hold something else than a string
+        ta, tb = (datetime.datetime.fromisoformat(x.replace("Z", "+00:00")) for x in (a, b))
+    except (AttributeError, ValueError):
+        return None
+    return round((tb - ta).total_seconds(), 3)
+
+
+# -- upgrade and rollback -------------------------------------------------------------------------------
+
+
+def _run_upgrade(cfg, req: Request, result: Result) -> None:
+    from .. import records as rec_io
+    from ..upgrade import api
+
+    rec = api.run(cfg, api.Spec(id=req.id, operation=req.name, kind=req.kind, url=req.url, sha256=req.sha256,
+                                force=req.force))
+    result.succeeded = rec.committed
+    result.reason = rec.reason_enum().value
+    result.message = rec.message or rec.describe()
+    result.from_version = rec.from_.version if rec.from_ else None
+    result.to_version = rec.to.version if rec.to else None
+    result.failure = rec_io.to_dict(rec.failure) if rec.failure else None
+
+
+def _converge_orphan(cfg, spool: Spool) -> None:
+    """An upgrade in flight that no claimed request owns (left by an older toolset, or by a request that gave
+    up): follow it to its end under its own id before anything else runs."""
+    from ..upgrade import api
+    from ..upgrade.record import Store
+
+    rec = api.orphan(cfg)
+    claimed = spool.claimed()
+    if rec is None or (claimed and claimed[1].id == rec.id):
+        return
+    log.info(f"found {rec.describe()} with no request: following it to its end first")
+    try:
+        with hostlock.HostLock(rec.id, rec.kind).acquire(wait=LOCK_WAIT_SECONDS):
+            api.follow(Store(cfg), rec.id)
+    except OpsError as e:
+        log.error(f"could not converge {rec.operation}: {e}")
+
+
+# -- reset ----------------------------------------------------------------------------------------------
+
+
+def _run_reset(spool: Spool, req: Request, result: Result) -> None:
+    from ..reset import api
+
+    def before_removal(phase1: api.PhaseOutcome) -> None:
+        superseded = supersede(spool, req)
+        # The watcher reports before the agent goes: its own reset, and the operations this one superseded.
+        if req.report_gate or any(r.source == "machineoperation" for r in superseded):
+            _wait_at_gate(spool, req, phase1)
+
+    outcome = api.run(api.Spec(id=req.id, operation=req.name, all_wg=req.all_wg), before_removal)
+    if len(outcome.phases) > 1 or outcome.succeeded:
+        supersede(spool, req)  # requests that arrived while the agent was being removed
+    result.succeeded, result.reason, result.message, result.step = (outcome.succeeded, outcome.reason,
+                                                                    outcome.message, outcome.step)
+
+
+def supersede(spool: Spool, reset: Request) -> list[Request]:
+    """Give every request still queued behind the reset (but another reset) a terminal result."""
+    done = []
+    for path, req in spool.pending():
+        if req.kind == "reset":
+            continue
+        spool.finish(path, Result(id=req.id, kind=req.kind, operation=req.name, source=req.source, succeeded=False,
+                                  reason=Reason.SUPERSEDED.value, submitted_at=req.submitted_at,
+                                  finished_at=records.now(),
+                                  message=f"superseded by reset {reset.name}: the agent is removed from this host"))
+        log.info(f"{req.kind} {req.name} superseded by reset {reset.name}")
+        done.append(req)
+    return done
+
+
+def _wait_at_gate(spool: Spool, req: Request, phase1) -> None:
+    """Let the requester report before the agent goes; stop waiting when it cannot (its daemon is gone)."""
+    steps = [{"step": s.step, "number": s.number, "result": "succeeded" if s.succeeded else "failed",
+              "removed": s.removed} for s in phase1.steps if s.number]
+    spool.open_gate(Gate(id=req.id, steps=steps,
+                         message="AgentReset: machines, links, keys, nspawn config, machine trees and routing removed; "
+                                 "the agent removes itself next"))
+    log.info(f"reset {req.name}: waiting for its requester to report before the agent is removed")
+    next_log = time.monotonic() + GATE_LOG_SECONDS
+    while not spool.acked(req.id):
+        if _daemon_gone():
+            log.warn(f"reset {req.name}: the daemon that would report it is not running; going on")
+            return
+        if time.monotonic() >= next_log:
+            log.info(f"reset {req.name}: still waiting for its requester to report (the API server may be down)")
+            next_log += GATE_LOG_SECONDS
+        time.sleep(GATE_POLL_SECONDS)
+
+
+def _daemon_gone() -> bool:
+    try:
+        st = systemd.unit_state(systemd.DAEMON_UNIT)
+    except systemd.SystemdError:
+        return False
+    return st["active_state"] in ("inactive", "failed") and not st["job"]

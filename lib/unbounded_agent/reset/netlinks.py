@@ -1,0 +1,74 @@
+"""The agent's network links, through netlink (pyroute2): which exist, which are the agent's, removal.
+
+Ownership is by exact name only, never by pattern guesses: the agent's WireGuard links are
+``wg51820``…``wg51899`` (one per owned routing table), plus exactly ``geneve0``, ``vxlan0``,
+``ipip0``, ``unbounded0`` and ``cbr0``. An operator's own ``wg0`` survives unless the caller asks for
+the broad form (``all_wg``), which takes every ``wg<digits>`` link — still not ``wgx`` or ``wg-office``.
+"""
+
+import dataclasses
+import re
+
+from ..reasons import OpsError, Reason, describe_error
+
+FIXED_LINKS = ("geneve0", "vxlan0", "ipip0", "unbounded0", "cbr0")
+WG_FIRST, WG_LAST = 51820, 51899  # the same range as the agent's routing tables
+_WG_NUMBERED = re.compile(r"wg(0|[1-9][0-9]*)")  # no leading zeros: "wg051820" is not wg51820
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str | None  # IFLA_INFO_KIND (wireguard, bridge, vxlan, ...); None for plain devices
+
+    def describe(self) -> str:
+        return f"link {self.name}" + (f" ({self.kind})" if self.kind else "")
+
+
+def is_agent_link(name: str, all_wg: bool = False) -> bool:
+    if name in FIXED_LINKS:
+        return True
+    m = _WG_NUMBERED.fullmatch(name)
+    if not m:
+        return False
+    return all_wg or WG_FIRST <= int(m.group(1)) <= WG_LAST
+
+
+def _ipr():
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def list_links() -> list[Link]:
+    """Every link in this network namespace. Fails closed: an unreadable inventory raises
+    INVENTORY_FAILED rather than returning a partial or empty list."""
+    try:
+        with _ipr() as ipr:
+            msgs = ipr.get_links()
+    except Exception as e:  # NetlinkError, OSError (e.g. AF_NETLINK not allowed), pyroute2 parse errors
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot list network links over netlink: {describe_error(e)}") from None
+    links = []
+    for m in msgs:
+        info = m.get_attr("IFLA_LINKINFO")
+        links.append(Link(m["index"], m.get_attr("IFLA_IFNAME"), info.get_attr("IFLA_INFO_KIND") if info else None))
+    return links
+
+
+def agent_links(all_wg: bool = False) -> list[Link]:
+    return sorted((l for l in list_links() if is_agent_link(l.name, all_wg)), key=lambda l: l.name)
+
+
+def remove(link: Link) -> None:
+    """Delete one link. A delete error counts as success only if the link is verifiably gone
+    (e.g. deleting a veth end already took its peer with it)."""
+    try:
+        with _ipr() as ipr:
+            ipr.link("del", index=link.index)
+        return
+    except Exception as e:
+        error = e
+    if all(l.name != link.name for l in list_links()):
+        return
+    raise OpsError(Reason.EXECUTION_FAILED, f"cannot delete link {link.name}: {describe_error(error)}")

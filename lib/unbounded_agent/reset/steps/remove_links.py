@@ -1,0 +1,41 @@
+"""``unbounded-agent-reset-remove-links.service``, reset step 2: remove the agent's links (wg51820-wg51899,
+geneve0, vxlan0, ipip0, unbounded0, cbr0; every wg<N> only if the reset was asked for with --all-wg)."""
+
+from __future__ import annotations
+
+from ..step import Item, Step
+
+
+class RemoveLinks(Step):
+    name, number, phase = "remove-links", 2, 1
+    title = "remove the agent's network links"
+
+    def plan(self, ctx):
+        from .. import netlinks
+
+        return [Item(f"link {l.name}", f"({l.kind})" if l.kind else "") for l in netlinks.agent_links(ctx.all_wg)]
+
+    def apply(self, ctx, rec):
+        from ...reasons import OpsError
+        from .. import netlinks
+
+        links = netlinks.agent_links(ctx.all_wg)
+        present = {l.name for l in links}
+        for name in netlinks.FIXED_LINKS:
+            if name not in present:
+                rec.already_absent(f"link {name}")
+        for link in links:
+            try:
+                netlinks.remove(link)
+                rec.did(f"link {link.name}")
+            except OpsError as e:
+                rec.fail(f"link {link.name}", e)
+
+
+STEP = RemoveLinks()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..runner import step_main
+
+    return step_main(STEP, __doc__, argv)

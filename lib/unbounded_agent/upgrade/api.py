@@ -1,0 +1,141 @@
+"""What the dispatcher calls to run an upgrade or a rollback, while it holds the host for the operation.
+
+    rec = api.run(cfg, Spec(id, operation, kind, url, sha256, force))   # blocks until the record is terminal
+
+``run`` checks what can be checked at once (URL, digest, quarantine: a refusal changes nothing and raises
+OpsError), records the request, starts the operation's chain of units and follows the record to its end.
+When no unit of the operation is at work and the record is still in flight — a step was killed, the host
+stopped, the dispatcher itself was restarted — it decides the record (resume.resolve), so every operation
+ends in a terminal record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+from .. import log, records, systemd
+from ..config import Config
+from ..reasons import OpsError, Reason
+from . import record, resume, units
+from .record import Store, UpgradeRecord, UpgradeRequest
+
+POLL_SECONDS = 0.1
+IDLE_SECONDS = 1.0  # no unit of the operation at work for this long: it was interrupted
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    id: str
+    operation: str
+    kind: str = record.UPGRADE
+    url: str = ""
+    sha256: str | None = None
+    force: bool = False
+
+
+def check(cfg: Config, spec: Spec) -> tuple[str, str | None]:
+    """The request's redacted URL and expected digest; OpsError (InvalidParameters, Quarantined, no agent to
+    upgrade) otherwise. Nothing is written before this passes."""
+    from .. import layout, urls
+
+    lay = layout.Layout(cfg.bin_dir)
+    if lay.link_target(layout.CURRENT) is None:
+        # After a reset, say: an upgrade must not bring the agent's directories back.
+        raise OpsError(Reason.EXECUTION_FAILED, f"no agent is installed on this host ({lay.path(layout.CURRENT)} is "
+                       "missing): nothing to upgrade or roll back")
+    if spec.kind == record.ROLLBACK:
+        return "", None
+    url = (spec.url or "").strip()
+    if not url:
+        raise OpsError(Reason.INVALID_PARAMETERS, 'missing required parameter "downloadURL"')
+    urls.validate(url, allow_http=cfg.allow_insecure_http)
+    expected = urls.parse_sha256(spec.sha256)
+    entry = Store(cfg).quarantined(expected)
+    if entry and not spec.force:
+        raise OpsError(Reason.QUARANTINED, entry.message())
+    return urls.redact(url), expected
+
+
+def begin(cfg: Config, spec: Spec) -> UpgradeRecord:
+    """Record the request and start its chain. Raises OpsError (nothing recorded) when it is refused."""
+    store = Store(cfg)
+    redacted, expected = check(cfg, spec)
+    current = store.read()
+    if current is not None and current.in_flight and current.id != spec.id:
+        # Its units, links and last-good are in the middle of a change: staging over them would lose the
+        # binary its rollback needs. The dispatcher converges it (orphan) before it runs anything else.
+        raise OpsError(Reason.UPGRADE_IN_PROGRESS, f"{current.describe()}: it must end before {spec.kind} "
+                                                   f"{spec.operation} can begin")
+    rec = UpgradeRecord(id=spec.id, operation=spec.operation, kind=spec.kind, url=redacted, force=spec.force,
+                        expected_sha256=expected, requested_at=records.now())
+    if spec.kind == record.UPGRADE:
+        store.write_request(UpgradeRequest(id=spec.id, url=spec.url.strip(), sha256=expected, force=spec.force))
+    rec = store.advance(rec, record.REQUESTED)
+    unit = units.chain_start(spec.id)
+    try:
+        systemd.start_unit(unit)
+    except systemd.SystemdError as e:
+        return store.finish(rec, record.FAILED, Reason.EXECUTION_FAILED, f"cannot start {unit}: {e}")
+    log.info(f"{spec.kind} {spec.operation} requested{' from ' + redacted if redacted else ''}: started {unit}")
+    return rec
+
+
+def run(cfg: Config, spec: Spec, on_change: Callable[[UpgradeRecord], None] | None = None) -> UpgradeRecord:
+    """Run (or, after a restart of the dispatcher, go on with) operation spec.id to a terminal record."""
+    store = Store(cfg)
+    rec = store.read()
+    if rec is not None and rec.id == spec.id:
+        if rec.in_flight:
+            log.info(f"going on with {rec.describe()}")
+        return follow(store, spec.id, on_change)
+    begin(cfg, spec)
+    return follow(store, spec.id, on_change)
+
+
+def follow(store: Store, id: str, on_change: Callable[[UpgradeRecord], None] | None = None) -> UpgradeRecord:
+    """Wait until the record of operation id is terminal, deciding it when its units are all gone."""
+    seen = None
+    idle_since: float | None = None
+    next_check = 0.0
+    while True:
+        rec = store.read()
+        if rec is None or rec.id != id:
+            raise OpsError(Reason.EXECUTION_FAILED, f"the upgrade record no longer describes operation {id}")
+        if on_change and (rec.phase, rec.updated_at) != seen:
+            seen = (rec.phase, rec.updated_at)
+            on_change(rec)
+        if rec.terminal:
+            return rec
+        now = time.monotonic()
+        if now >= next_check:  # asking systemd costs more than reading the record: not every poll
+            next_check = now + IDLE_SECONDS / 4
+            try:
+                busy = units.busy_units(rec)
+            except systemd.SystemdError as e:
+                log.warn(f"cannot tell which units of {id} are at work: {e}")
+                busy = ["?"]
+            if busy:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= IDLE_SECONDS:
+                rec = store.read()
+                if rec is not None and rec.id == id and rec.in_flight:
+                    log.info(f"no unit of {id} is at work: deciding {rec.describe()}")
+                    try:
+                        resume.resolve(store, rec, restart_daemon=not resume.daemon_starting())
+                    except systemd.SystemdError as e:
+                        # e.g. probation cannot start (masked): the record stays in flight, and the daemon's
+                        # OnFailure= recovery may still end it; decide again after the next idle spell.
+                        log.warn(f"cannot go on with {id} now: {e}")
+                idle_since = None
+        time.sleep(POLL_SECONDS)
+
+
+def orphan(cfg: Config) -> UpgradeRecord | None:
+    """An in-flight record that no queued operation owns (left by an older toolset): the dispatcher
+    follows it to its end under its own id before anything else runs."""
+    rec = Store(cfg).read()
+    return rec if rec is not None and rec.in_flight else None

@@ -1,0 +1,140 @@
+"""AgentReset as an operator runs it: `kubectl apply -f reset.yaml`; `kubectl get mop NAME -w` shows
+Pending → InProgress → Complete, and Complete is on the server before the final reset steps stop and
+remove the daemon (the dispatcher waits at the reset's gate until the daemon has reported). A reset whose
+step fails ends Failed/ExecutionFailed naming the step, and the daemon keeps running. A daemon killed
+while phase 1 runs does not start the reset twice."""
+
+import json
+
+import pytest
+from mop_host import KubeLink, daemon_state, journal_of, kill9_daemon, mop, unit_started_at, wait_until
+
+pytestmark = pytest.mark.testhost
+
+OPS = "/var/lib/unbounded-agent-ops"
+VERIFY_REPORT = f"{OPS}/reset/reports/09-verify.json"
+DISPATCH = "unbounded-agent-dispatch.service"
+HOLD_FILE = "/var/lib/test-hold-reset"
+# Makes the first reset step wait until HOLD_FILE is removed: phase 1 is "running" for as long as we like.
+HOLD_DROPIN = f"[Service]\nExecStartPre=/bin/sh -c 'while [ -e {HOLD_FILE} ]; do sleep 0.1; done'\n"
+FAIL_DROPIN = "[Service]\nExecStart=\nExecStart=/bin/sh -c 'echo simulated failure >&2; exit 21'\n"
+
+
+def drop_in(host, unit: str, text: str) -> None:
+    host.write(f"/etc/systemd/system/{unit}.d/50-test.conf", text)
+    host.run(["systemctl", "daemon-reload"])
+
+
+def remove_drop_in(host, unit: str) -> None:
+    host.run(["rm", "-rf", f"/etc/systemd/system/{unit}.d"])
+    host.run(["systemctl", "daemon-reload"])
+
+
+@pytest.fixture
+def env(testhost_factory, deb_path, tmp_path):
+    with testhost_factory("mop-reset") as host:
+        host.install_deb(deb_path)
+        kube = KubeLink.start(host, tmp_path)
+        try:
+            kube.configure_agent(host)
+            yield host, kube
+        finally:
+            kube.stop()
+
+
+def test_reset_completes_before_the_daemon_removes_itself(env, capsys):
+    host, kube = env
+    with kube.watch() as w:
+        kube.apply(mop("reset-agent-1", host.name, "AgentReset"))
+        w.wait_phase("reset-agent-1", "Complete", "Failed")
+    assert w.phases("reset-agent-1")[-3:] == ["Pending", "InProgress", "Complete"], w.lines
+    cond = kube.condition("reset-agent-1")
+    assert (cond["status"], cond["reason"]) == ("True", "Succeeded")
+    # the daemon goes: stopped and removed by the final steps
+    wait_until("the daemon to be removed", lambda: daemon_state(host).get("LoadState") == "not-found"
+               or daemon_state(host).get("ActiveState") == "inactive")
+    assert "AgentReset reset-agent-1 Complete" in journal_of(host)
+    assert "received SIGTERM, stopping" in journal_of(host)  # stopped by phase 2
+    # Complete was on the server before phase 2 began: the server took the write before systemd started
+    # the first step of phase 2 (the daemon acknowledged the dispatcher's gate only after that write)
+    writes = [r for r in kube.agent_requests(name="reset-agent-1") if r.verb == "update" and r.code == 200]
+    assert len(writes) == 3  # Pending, InProgress, Complete
+    created = next(r.time for r in kube.server.requests if r.verb == "create" and r.resource == "machineoperations")
+    assert writes[-1].time < unit_started_at(host, "unbounded-agent-reset-remove-agent.service", after=created)
+    wait_until("phase 2 to verify the reset", lambda: host.path(VERIFY_REPORT).exists())
+    assert json.loads(host.read(VERIFY_REPORT))["result"] == "succeeded"
+    # the dispatcher ran it as one request, waited at its gate, and wrote its result
+    request_id = json.loads(host.read(VERIFY_REPORT))["run_id"]
+    res = wait_until("the reset's result", lambda: host.path(f"{OPS}/results/{request_id}.json").exists()
+                     and json.loads(host.read(f"{OPS}/results/{request_id}.json")))
+    assert (res["source"], res["succeeded"]) == ("machineoperation", True)
+    dispatcher = journal_of(host, DISPATCH)
+    assert dispatcher.index("waiting for its requester to report") < dispatcher.index(
+        f"reset {request_id}: starting unbounded-agent-reset-phase2.target")
+    assert not any(host.path(f"{OPS}/gates").iterdir())
+    assert not host.path("/var/lib/unbounded-agent").exists()
+    assert not host.path("/etc/unbounded/agent/config.yaml").exists()
+    events = kube.kubectl("describe", "mop", "reset-agent-1").stdout
+    assert "ResetStarted" in events and "ResetStep" in events
+    created = next(r.time for r in kube.server.requests if r.verb == "create" and r.resource == "machineoperations")
+    started = unit_started_at(host, "unbounded-agent-reset-begin.service", after=created)
+    with capsys.disabled():
+        print(f"\nAgentReset: operation created → reset-begin unit starting: {1000 * (started - created):.0f} ms; "
+              f"agent requests about it: {len(kube.agent_requests(name='reset-agent-1'))} status writes, "
+              f"{len(kube.agent_requests(resource='events'))} events")
+
+
+def test_failed_step_fails_the_reset_and_the_daemon_keeps_running(env):
+    host, kube = env
+    drop_in(host, "unbounded-agent-reset-remove-wireguard-keys.service", FAIL_DROPIN)
+    pid = daemon_state(host)["MainPID"]
+    with kube.watch() as w:
+        kube.apply(mop("reset-agent-fail", host.name, "AgentReset"))
+        w.wait_phase("reset-agent-fail", "Complete", "Failed")
+    cond = kube.condition("reset-agent-fail")
+    assert cond["reason"] == "ExecutionFailed" and "remove-wireguard-keys" in cond["message"]
+    assert daemon_state(host)["ActiveState"] == "active" and daemon_state(host)["MainPID"] == pid
+    assert "unbounded-agent-reset-phase2" not in journal_of(host, DISPATCH)
+    # fixed, a new operation resets the host (finished steps find nothing to do)
+    remove_drop_in(host, "unbounded-agent-reset-remove-wireguard-keys.service")
+    with kube.watch() as w:
+        kube.apply(mop("reset-agent-again", host.name, "AgentReset"))
+        w.wait_phase("reset-agent-again", "Complete", "Failed")
+    assert w.phases("reset-agent-again")[-1] == "Complete"
+
+
+def test_daemon_killed_during_phase1_does_not_run_the_reset_twice(env):
+    host, kube = env
+    host.write(HOLD_FILE, "")
+    drop_in(host, "unbounded-agent-reset-stop-machines.service", HOLD_DROPIN)
+    kube.apply(mop("reset-agent-kill", host.name, "AgentReset"))
+    wait_until("phase 1 to run", lambda: "Starting unbounded-agent-reset-stop-machines"
+               in journal_of(host, "unbounded-agent-reset-stop-machines.service"))
+    assert kube.get("reset-agent-kill")["status"]["phase"] == "InProgress"
+    kill9_daemon(host)
+    # the new daemon finds its progress (the reset is queued) and follows the request's result
+    wait_until("the new daemon to resume", lambda: "AgentReset reset-agent-kill (submitted)" in journal_of(host))
+    host.run(["rm", "-f", HOLD_FILE])
+    wait_until("Complete", lambda: (kube.get("reset-agent-kill").get("status") or {}).get("phase") in
+               ("Complete", "Failed"))
+    assert kube.get("reset-agent-kill")["status"]["phase"] == "Complete"
+    starts = journal_of(host, "unbounded-agent-reset-stop-machines.service").count("Starting unbounded-agent-reset")
+    assert starts == 1
+    assert journal_of(host).count("AgentReset reset-agent-kill accepted") == 1
+
+
+def test_reset_of_a_bootstrapped_host_removes_what_the_agent_made_and_nothing_else(env):
+    from bootstrapped_host import bootstrap, snapshot
+
+    host, kube = env
+    fx = bootstrap(host)  # machines kube1/kube2, links, keys, routing, plus decoys (it rewrites the config)
+    kube.configure_agent(host)
+    with kube.watch() as w:
+        kube.apply(mop("reset-bootstrapped", host.name, "AgentReset"))
+        w.wait_phase("reset-bootstrapped", "Complete", "Failed")
+    assert w.phases("reset-bootstrapped")[-1] == "Complete", kube.condition("reset-bootstrapped")
+    wait_until("phase 2 to verify the reset", lambda: host.path(VERIFY_REPORT).exists())
+    assert json.loads(host.read(VERIFY_REPORT))["result"] == "succeeded"
+    snap = snapshot(host)
+    assert fx.items - fx.gone(snap) == set()
+    assert fx.decoys - fx.kept(snap) == set()

@@ -1,0 +1,199 @@
+"""The dispatcher: requests run one at a time, in order, each under the host lock held for it; every request
+ends in a result, whatever happens to it; a reset supersedes what is queued behind it and lets its
+requester report before the agent goes. The operations themselves are faked here (upgrade/api, reset/api
+have their own tests); the spool, the lock and the records are real."""
+
+import threading
+
+import pytest
+
+from unbounded_agent import hostlock
+from unbounded_agent.queue import dispatch
+from unbounded_agent.queue.spool import Request, Spool
+from unbounded_agent.reasons import OpsError, Reason
+from unbounded_agent.reset import api as reset_api
+from unbounded_agent.upgrade import api as upgrade_api
+from unbounded_agent.upgrade.record import Binary, UpgradeRecord
+
+
+@pytest.fixture
+def spool(tmp_path, monkeypatch):
+    monkeypatch.setenv(hostlock.ENV_LOCK, str(tmp_path / "install.lock"))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"stateDir: {tmp_path / 'state'}\nbinDir: {tmp_path / 'bin'}\n")
+    monkeypatch.setenv("UNBOUNDED_AGENT_CONFIG", str(cfg))
+    return Spool(tmp_path / "ops").ensure()
+
+
+class FakeOperations:
+    """upgrade.api.run and reset.api.run as the dispatcher calls them, recording who held the host."""
+
+    def __init__(self, monkeypatch):
+        self.ran: list[tuple[str, str | None]] = []
+        self.upgrade_outcome = "committed"
+        self.fail_with: Exception | None = None
+        monkeypatch.setattr(upgrade_api, "run", self.upgrade)
+        monkeypatch.setattr(reset_api, "run", self.reset)
+        self.reset_phase2 = []
+
+    def upgrade(self, cfg, spec, on_change=None):
+        self.ran.append((spec.id, hostlock.holder().operation))
+        if self.fail_with:
+            raise self.fail_with
+        rec = UpgradeRecord(id=spec.id, operation=spec.operation, kind=spec.kind, from_=Binary(version="1.0.0"),
+                            to=Binary(version="2.0.0"))
+        rec.phase, rec.reason, rec.message = self.upgrade_outcome, "Succeeded", "upgraded"
+        if self.upgrade_outcome == "rolled-back":
+            rec.reason, rec.message = "DaemonFailed", "rolled back"
+        return rec
+
+    def reset(self, spec, before_removal):
+        self.ran.append((spec.id, hostlock.holder().operation))
+        phase1 = reset_api.PhaseOutcome(1, [reset_api.StepOutcome("remove-links", 2, True, "Succeeded", "", 1)])
+        before_removal(phase1)
+        self.reset_phase2.append(spec.id)
+        return reset_api.Outcome(True, "Succeeded", "reset complete", phases=[phase1, phase1])
+
+
+@pytest.fixture
+def ops(monkeypatch):
+    return FakeOperations(monkeypatch)
+
+
+def test_requests_run_in_order_each_under_the_lock_held_for_it(spool, ops):
+    ids = [spool.submit(Request(id=f"upgrade-{i}", kind="upgrade", url="https://h/a.tgz")).id for i in range(3)]
+    dispatch.run(spool)
+    assert ops.ran == [(i, i) for i in ids]
+    assert [spool.result(i).succeeded for i in ids] == [True] * 3
+    assert spool.result(ids[0]).from_version == "1.0.0" and spool.result(ids[0]).to_version == "2.0.0"
+    assert spool.queue() == [] and hostlock.holder() is None
+
+
+def test_a_rolled_back_upgrade_ends_daemon_failed(spool, ops):
+    ops.upgrade_outcome = "rolled-back"
+    spool.submit(Request(id="upgrade-1", kind="upgrade"))
+    dispatch.run(spool)
+    r = spool.result("upgrade-1")
+    assert not r.succeeded and r.reason == Reason.DAEMON_FAILED.value and r.exit_code() == Reason.DAEMON_FAILED.exit_code
+
+
+def test_a_claim_left_by_a_killed_dispatcher_goes_on_first(spool, ops):
+    spool.submit(Request(id="upgrade-1", kind="upgrade"))
+    spool.submit(Request(id="upgrade-2", kind="upgrade"))
+    path, req = spool.claim_next()  # a dispatcher claimed it, then died
+    req.attempts = 1
+    spool.update(path, req)
+    dispatch.run(spool)
+    assert [r for r, _ in ops.ran] == ["upgrade-1", "upgrade-2"]
+
+
+def test_a_request_interrupted_too_often_fails_without_running_again(spool, ops):
+    spool.submit(Request(id="upgrade-1", kind="upgrade"))
+    path, req = spool.claim_next()
+    req.attempts = dispatch.MAX_ATTEMPTS
+    spool.update(path, req)
+    dispatch.run(spool)
+    r = spool.result("upgrade-1")
+    assert not r.succeeded and "interrupted 3 times" in r.message and ops.ran == []
+
+
+def test_an_error_in_one_operation_is_its_result_and_the_queue_goes_on(spool, ops):
+    spool.submit(Request(id="upgrade-1", kind="upgrade"))
+    spool.submit(Request(id="upgrade-2", kind="upgrade"))
+    ops.fail_with = RuntimeError("boom")
+    dispatch.run(spool)
+    for i in ("upgrade-1", "upgrade-2"):
+        r = spool.result(i)
+        assert not r.succeeded and r.reason == Reason.EXECUTION_FAILED.value and "RuntimeError: boom" in r.message
+    ops.fail_with = OpsError(Reason.QUARANTINED, "quarantined")
+    spool.submit(Request(id="upgrade-3", kind="upgrade"))
+    dispatch.run(spool)
+    assert spool.result("upgrade-3").reason == "Quarantined"
+
+
+def test_a_broken_config_fails_every_request_with_its_reason(spool, ops, tmp_path):
+    (tmp_path / "config.yaml").write_text("probationSeconds: [1\n")
+    spool.submit(Request(id="upgrade-1", kind="upgrade"))
+    spool.submit(Request(id="reset-1", kind="reset"))
+    dispatch.run(spool)
+    assert [spool.result(i).reason for i in ("upgrade-1", "reset-1")] == ["InvalidConfig"] * 2
+    assert ops.ran == [] and spool.queue() == []
+
+
+def test_an_unreadable_request_gets_a_result_and_does_not_stop_the_queue(spool, ops):
+    (spool.requests / "00000000000000000001-upgrade-1.request").write_text("{garbage")
+    spool.submit(Request(id="upgrade-2", kind="upgrade"))
+    dispatch.run(spool)
+    assert spool.result("upgrade-1").reason == Reason.INVALID_PARAMETERS.value
+    assert spool.result("upgrade-2").succeeded
+
+
+def test_the_lock_held_by_another_operation_is_waited_for(spool, ops, monkeypatch):
+    monkeypatch.setattr(dispatch, "LOCK_WAIT_SECONDS", 0.2)
+    spool.submit(Request(id="upgrade-1", kind="upgrade"))
+    with hostlock.HostLock("recovery-x", "recovery").acquire():
+        dispatch.run(spool)
+    r = spool.result("upgrade-1")
+    assert r.reason == Reason.HOST_LOCKED.value and "recovery recovery-x" in r.message and ops.ran == []
+
+
+def test_a_reset_supersedes_what_is_queued_behind_it_but_not_another_reset(spool, ops, monkeypatch):
+    spool.submit(Request(id="reset-1", kind="reset"))
+    # queued behind the reset by a path that does not refuse them (a request written before the reset's)
+    for i, kind in ((2, "upgrade"), (3, "reset"), (4, "rollback")):
+        name = f"{99999999999999999990 + i:020d}-{kind}-{i}.request"
+        (spool.incoming / name).write_text(f'{{"id": "{kind}-{i}", "kind": "{kind}", "source": "cli"}}')
+        (spool.incoming / name).rename(spool.requests / name)
+    dispatch.run(spool)
+    assert [r for r, _ in ops.ran] == ["reset-1", "reset-3"]
+    for i in ("upgrade-2", "rollback-4"):
+        r = spool.result(i)
+        assert r.reason == Reason.SUPERSEDED.value and "superseded by reset reset-1" in r.message
+    assert spool.result("reset-1").succeeded and spool.result("reset-3").succeeded
+
+
+def test_a_reset_with_a_report_gate_waits_for_the_ack_before_removing_the_agent(spool, ops, monkeypatch):
+    monkeypatch.setattr(dispatch, "_daemon_gone", lambda: False)
+    monkeypatch.setattr(dispatch, "GATE_POLL_SECONDS", 0.01)
+    spool.submit(Request(id="reset-1", kind="reset", source="machineoperation", report_gate=True))
+    seen = []
+
+    def requester():
+        gate = None
+        while gate is None:
+            gate = spool.gate("reset-1")
+        seen.append((gate.message, list(ops.reset_phase2)))  # phase 2 has not started while the gate is open
+        spool.ack("reset-1")
+
+    t = threading.Thread(target=requester)
+    t.start()
+    dispatch.run(spool)
+    t.join(10)
+    assert seen and "removes itself next" in seen[0][0] and seen[0][1] == []
+    assert ops.reset_phase2 == ["reset-1"] and spool.result("reset-1").succeeded
+    assert spool.gate("reset-1") is None  # cleared with the result
+
+
+def test_a_gate_nobody_can_answer_does_not_hold_the_reset(spool, ops, monkeypatch):
+    monkeypatch.setattr(dispatch, "_daemon_gone", lambda: True)
+    spool.submit(Request(id="reset-1", kind="reset", source="machineoperation", report_gate=True))
+    dispatch.run(spool)
+    assert spool.result("reset-1").succeeded and ops.reset_phase2 == ["reset-1"]
+
+
+def test_superseding_an_operation_of_a_machineoperation_opens_a_gate_for_the_watcher(spool, ops, monkeypatch):
+    gates = []
+    monkeypatch.setattr(dispatch, "_wait_at_gate", lambda sp, req, phase1: gates.append(req.id))
+    spool.submit(Request(id="reset-1", kind="reset"))
+    name = f"{99999999999999999999:020d}-mop-1.request"
+    (spool.incoming / name).write_text('{"id": "mop-1", "kind": "upgrade", "source": "machineoperation"}')
+    (spool.incoming / name).rename(spool.requests / name)
+    dispatch.run(spool)
+    assert gates == ["reset-1"] and spool.result("mop-1").reason == "Superseded"
+
+
+def test_the_dispatcher_leaves_the_spool_empty_even_of_stray_files(spool, ops):
+    (spool.requests / "notes.txt").write_text("x")
+    spool.submit(Request(id="upgrade-1", kind="upgrade"))
+    dispatch.run(spool)
+    assert list(spool.requests.iterdir()) == [] and spool.result("upgrade-1").succeeded

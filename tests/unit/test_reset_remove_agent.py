@@ -1,0 +1,174 @@
+"""Step 7: stop the upgrade units and the daemon, disable the agent's units, remove its slots, config, state
+and unit files — and nothing outside the agent's own places (a shared bin dir, a state dir not named for it)."""
+
+import fnmatch
+import os
+
+import pytest
+
+from unbounded_agent.hostlock import HostLock
+from unbounded_agent.reasons import OpsError, Reason
+from unbounded_agent.reset.reports import Checkpoint, Recorded, write_checkpoint
+from unbounded_agent.reset.runner import run_step
+from unbounded_agent.reset.step import context_from
+from unbounded_agent.reset.steps import remove_agent
+
+RUN = "req-0001"
+DAEMON = "unbounded-agent-daemon.service"
+
+
+class FakeUnits:
+    """Stands in for step.AgentUnits: units that run or are enabled until stopped / disabled."""
+
+    def __init__(self, running=(), enabled=(), stuck=()):
+        self.running_units, self.enabled_units, self.stuck = set(running), set(enabled), set(stuck)
+        self.calls = []
+
+    def matching(self, patterns):
+        return sorted(u for u in self.running_units if any(fnmatch.fnmatch(u, p) for p in patterns))
+
+    def running(self, name):
+        return name in self.running_units
+
+    def enabled(self, name):
+        return name in self.enabled_units
+
+    def stop(self, name, timeout):
+        self.calls.append(("stop", name))
+        if name in self.stuck:
+            raise OpsError(Reason.EXECUTION_FAILED, f"{name} did not stop within {timeout:g} s")
+        self.running_units.discard(name)
+
+    def disable(self, name):
+        self.calls.append(("disable", name))
+        self.enabled_units.discard(name)
+
+    def reload(self):
+        self.calls.append(("reload",))
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    """A reset run in progress on a temporary root: the checkpoint names the agent's places, the lock is held."""
+    monkeypatch.setenv("UNBOUNDED_AGENT_LOCK", str(tmp_path / "install.lock"))
+    root = tmp_path / "root"
+    root.mkdir()
+
+    class Host:
+        def checkpoint(self, **recorded):
+            write_checkpoint(Checkpoint(run_id=RUN, recorded=Recorded(**recorded)), tmp_path / "reset")
+
+        def run(self):
+            return run_step(remove_agent.STEP, directory=tmp_path / "reset", root=str(root), systemd=self.units)
+
+    h = Host()
+    h.root, h.units = root, FakeUnits()
+    h.checkpoint(config_path="/etc/unbounded/agent/config.yaml", bin_dir="/var/lib/unbounded-agent/bin",
+                 state_dir="/var/lib/unbounded-agent")
+    with HostLock(RUN, "reset").acquire():
+        yield h
+
+
+def write(root, path, text="x"):
+    p = root / path.lstrip("/")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def test_remove_agent_stops_disables_and_removes_but_not_outside_its_own_dirs(host):
+    root = host.root
+    bin_dir = "/var/lib/unbounded-agent/bin"
+    for name in ("unbounded-agent-blue", "unbounded-agent-green", ".unbounded-agent-current.tmp-1a2b"):
+        write(root, f"{bin_dir}/{name}")
+    os.symlink("unbounded-agent-blue", root / bin_dir.lstrip("/") / "unbounded-agent-current")
+    write(root, "/var/lib/unbounded-agent/upgrade.json", "{}")
+    write(root, "/usr/local/bin/unbounded-agent-blue")  # the default bin dir of an upstream install
+    write(root, "/usr/local/bin/.unbounded-agent-current.tmp-9f9f")  # a temporary a crash left there
+    write(root, "/usr/local/bin/kubectl")  # not the agent's: a shared bin dir stays
+    write(root, "/etc/unbounded/agent/config.yaml")
+    write(root, f"/etc/systemd/system/{DAEMON}")
+    write(root, f"/etc/systemd/system/{DAEMON}.d/override.conf")
+    write(root, "/etc/systemd/system/other.service")
+    host.units.running_units = {DAEMON, "unbounded-upgrade@x.service", "unbounded-upgrade-probation.service", "ssh.service"}
+    host.units.enabled_units = {DAEMON, "unbounded-agent-bootstrap.service", "ssh.service"}
+    host.checkpoint(config_path="/etc/unbounded/agent/config.yaml", bin_dir="/usr/local/bin",  # as if configured so
+                    state_dir="/var/lib/unbounded-agent")
+
+    report = host.run()
+    assert report.result == "succeeded", report
+    # An upgrade unit at work would put a binary back: the upgrade units stop first, then the daemon.
+    assert host.units.calls == [
+        ("stop", "unbounded-upgrade-probation.service"), ("stop", "unbounded-upgrade@x.service"), ("stop", DAEMON),
+        ("disable", DAEMON), ("disable", "unbounded-agent-bootstrap.service")]
+    assert host.units.running_units == {"ssh.service"} and host.units.enabled_units == {"ssh.service"}
+    assert not (root / "var/lib/unbounded-agent").exists()
+    assert not (root / "etc/unbounded/agent").exists()
+    assert os.listdir(root / "usr/local/bin") == ["kubectl"]
+    assert os.listdir(root / "etc/systemd/system") == ["other.service"]
+    assert "running unit unbounded-agent-daemon.service" in report.removed
+    assert "file /usr/local/bin/unbounded-agent-blue" in report.removed
+
+
+def test_running_it_again_changes_nothing_and_succeeds(host):
+    write(host.root, "/var/lib/unbounded-agent/bin/unbounded-agent-blue")
+    assert host.run().succeeded
+    again = host.run()
+    assert (again.result, again.removed, again.failed) == ("succeeded", [], [])
+    assert host.units.calls == []
+
+
+def test_a_state_dir_that_is_not_the_agents_by_name_is_never_removed_whole(host):
+    write(host.root, "/var/lib/dpkg/status")
+    write(host.root, "/var/lib/unbounded-agent/upgrade.json")
+    host.checkpoint(state_dir="/var/lib", bin_dir="/var/lib/bin")  # a stateDir set to /var/lib by mistake
+    paths = remove_agent.agent_file_paths(context_from(Recorded(state_dir="/var/lib", bin_dir="/var/lib/bin"),
+                                                            root=str(host.root)))
+    assert "/var/lib" not in paths and "/var/lib/unbounded-agent" in paths  # the default still goes
+    assert host.run().succeeded
+    assert (host.root / "var/lib/dpkg/status").exists()
+    assert not (host.root / "var/lib/unbounded-agent").exists()
+
+
+def test_a_config_kept_elsewhere_goes_too(host):
+    write(host.root, "/srv/agent/config.yaml")
+    write(host.root, "/srv/agent/keep")
+    host.checkpoint(config_path="/srv/agent/config.yaml")
+    report = host.run()
+    assert report.succeeded and "file /srv/agent/config.yaml" in report.removed
+    assert os.listdir(host.root / "srv/agent") == ["keep"]
+
+
+def test_a_daemon_that_does_not_stop_fails_the_step(host):
+    host.units.running_units = {DAEMON}
+    host.units.stuck = {DAEMON}
+    report = host.run()
+    assert (report.result, report.reason) == ("failed", "ExecutionFailed")
+    first = report.failed[0]
+    assert (first.item, first.error) == (f"running unit {DAEMON}", f"{DAEMON} did not stop within 120 s")
+
+
+def test_a_systemd_error_while_disabling_is_reported_on_its_unit(host):
+    class Refusing(FakeUnits):
+        def disable(self, name):
+            raise RuntimeError("Access denied")
+
+    host.units = Refusing(enabled={DAEMON})
+    report = host.run()
+    assert (report.result, report.reason) == ("failed", "ExecutionFailed")
+    assert (report.failed[0].item, report.failed[0].error) == (
+        f"enabled unit {DAEMON}", f"cannot disable {DAEMON}: Access denied")
+
+
+def test_the_plan_lists_units_to_stop_and_disable_and_the_files(host):
+    write(host.root, "/var/lib/unbounded-agent/bin/unbounded-agent-blue")
+    host.units.running_units = {DAEMON, "unbounded-upgrade-stage@r1.service"}
+    host.units.enabled_units = {"unbounded-agent-daemon-recovery.service"}
+    ctx = context_from(Recorded(bin_dir="/var/lib/unbounded-agent/bin", state_dir="/var/lib/unbounded-agent"),
+                       root=str(host.root), systemd=host.units)
+    plan = [(i.what, i.action) for i in remove_agent.STEP.plan(ctx)]
+    assert plan == [("running unit unbounded-upgrade-stage@r1.service", "stop"), (f"running unit {DAEMON}", "stop"),
+                    ("enabled unit unbounded-agent-daemon-recovery.service", "disable"),
+                    ("file /var/lib/unbounded-agent/bin/unbounded-agent-blue", "remove"),
+                    ("directory /var/lib/unbounded-agent", "remove")]
+    assert host.units.calls == [] and (host.root / "var/lib/unbounded-agent/bin/unbounded-agent-blue").exists()

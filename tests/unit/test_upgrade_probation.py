@@ -1,0 +1,236 @@
+"""Probation against scripted daemon states: when the upgrade is committed, when it goes to recovery (with
+the real exit detail and the failed run's journal), how often it may be interrupted, and that it decides
+nothing unless the host lock is held for the operation on probation."""
+
+import pytest
+import upgrade_fakes
+from upgrade_fakes import ID, SECRET, SECRET_URL, agent_body, begin, links, read, run_chain, seed, sha, state_files, upgrade_to
+
+from unbounded_agent import layout, systemd
+from unbounded_agent.reasons import OpsError, Reason
+from unbounded_agent.upgrade import probation, record, units
+from unbounded_agent.upgrade.record import QuarantineEntry, Store
+
+# the fixtures of upgrade_fakes this module uses, under the names pytest finds them by
+cfg = upgrade_fakes.cfg
+fake_systemd = upgrade_fakes.fake_systemd
+host_lock = upgrade_fakes.host_lock
+release = upgrade_fakes.release
+switched = upgrade_fakes.switched
+
+BASE = {"sub_state": "running", "job": 0, "main_pid": 7, "n_restarts": 0, "result": None, "exec_main_code": None,
+        "exec_main_status": 0}
+
+
+def crashed(status=3, **kw):
+    return {"invocation": "new", "active_state": "activating", "sub_state": "auto-restart", "result": "exit-code",
+            "exec_main_code": "exited", "exec_main_status": status, **kw}
+
+
+def watch(cfg, snaps):
+    """probation.watch over a script of snapshots (the last repeats) and a clock that moves only by sleeps."""
+    seq = [dict(BASE, **s) for s in snaps]
+    t = [0.0]
+
+    def snapshot():
+        return seq.pop(0) if len(seq) > 1 else seq[0]
+
+    return probation.watch(cfg, "old", snapshot=snapshot, clock=lambda: t[0], sleep=lambda s: t.__setitem__(0, t[0] + s))
+
+
+# -- watch --------------------------------------------------------------------------------------------------
+
+
+def test_watch_passes_a_daemon_that_gets_ready_and_stays(cfg):
+    assert watch(cfg, [{"invocation": "old", "active_state": "active", "job": 1},  # restart queued
+                       {"invocation": "new", "active_state": "activating", "sub_state": "start", "job": 1},
+                       {"invocation": "new", "active_state": "active"}]) is None
+
+
+def test_watch_does_not_take_the_old_invocation_for_the_new_daemon(cfg):
+    """The old daemon still active (the restart not yet begun) is not readiness: without a new invocation
+    the ready timeout passes."""
+    verdict = watch(cfg, [{"invocation": "old", "active_state": "active"}])
+    assert verdict is not None and "did not report ready within 2 s" in verdict[0].detail
+
+
+@pytest.mark.parametrize("snaps,expect", [
+    ([crashed(3)], {"exit_code": 3, "result": "exit-code"}),
+    ([crashed(9, exec_main_code="killed", result="signal")], {"signal": "SIGKILL", "exit_code": None}),
+    ([crashed(6, exec_main_code="dumped", result="core-dump")], {"signal": "SIGABRT"}),
+    ([{"invocation": "new", "active_state": "failed", "sub_state": "failed", "result": "start-limit-hit",
+       "exec_main_code": "exited", "exec_main_status": 1}], {"exit_code": 1, "result": "start-limit-hit"}),
+])
+def test_watch_reports_how_the_new_daemon_failed_before_ready(cfg, snaps, expect):
+    failure, invocation = watch(cfg, snaps)
+    assert "exited before it reported ready" in failure.detail and invocation == "new"
+    for k, v in expect.items():
+        assert getattr(failure, k) == v
+
+
+def test_watch_reports_a_daemon_that_stops_during_the_window(cfg):
+    failure, _ = watch(cfg, [{"invocation": "new", "active_state": "active"}, crashed(3)])
+    assert "stopped during probation" in failure.detail and failure.exit_code == 3
+    assert failure.text() == f"{failure.detail} (exit code 3)"
+
+
+@pytest.mark.parametrize("change", [{"main_pid": 8}, {"n_restarts": 1}, {"invocation": "newer"}])
+def test_watch_reports_a_daemon_restarted_behind_its_back(cfg, change):
+    ready = {"invocation": "new", "active_state": "active"}
+    failure, _ = watch(cfg, [ready, dict(ready, **change)])
+    assert "stopped during probation" in failure.detail
+
+
+def test_watch_reports_a_daemon_that_never_gets_ready(cfg):
+    failure, _ = watch(cfg, [{"invocation": "new", "active_state": "activating", "sub_state": "start", "job": 1}])
+    assert "did not report ready within 2 s" in failure.detail and "activating/start" in failure.detail
+    assert failure.exit_code is None and failure.text() == failure.detail
+
+
+# -- the step -----------------------------------------------------------------------------------------------
+
+
+def test_a_healthy_daemon_commits_the_upgrade(cfg, switched, fake_systemd):
+    lay = switched
+    rec = probation.run(cfg)
+    assert rec.phase == record.COMMITTED == read(cfg).phase and rec.committed
+    assert rec.reason == "Succeeded" and rec.reason_enum() is Reason.SUCCEEDED
+    assert "upgraded from 1.0.0 to 2.0.0" in rec.message and rec.finished_at
+    assert rec.probation.attempts == 1
+    assert lay.link_target(layout.CURRENT) == layout.GREEN and lay.link_target(layout.LAST_GOOD) == layout.BLUE
+    assert fake_systemd.calls == []  # nothing to start: the daemon already runs the new binary
+    assert not Store(cfg).request_path.exists()
+
+
+def test_a_crashing_daemon_goes_to_recovery_with_its_exit_and_journal(cfg, switched, fake_systemd):
+    lay = switched
+    switched_at = read(cfg).phase_time(record.SWITCHING)
+    fake_systemd.daemon_crashed(3)
+    fake_systemd.journal(
+        unit_lines=["starting unbounded-agent 2.0.0", "panic: cannot parse config"],
+        manager_lines=["unbounded-agent-daemon.service: Main process exited, code=exited, status=3/NOTIMPLEMENTED",
+                       "unbounded-agent-daemon.service: Failed with result 'exit-code'.",
+                       "unbounded-agent-daemon.service: Failed to kill control group: no such process",
+                       "Started unbounded-agent-daemon.service."])
+    rec = probation.run(cfg)
+    assert rec.phase == record.RECOVERING == read(cfg).phase
+    assert rec.failure.exit_code == 3 and rec.failure.result == "exit-code"
+    assert rec.failure.text() == "the new daemon exited before it reported ready (exit code 3)"
+    assert rec.failure.journal == [
+        "starting unbounded-agent 2.0.0", "panic: cannot parse config",
+        "unbounded-agent-daemon.service: Main process exited, code=exited, status=3/NOTIMPLEMENTED",
+        "unbounded-agent-daemon.service: Failed with result 'exit-code'."]
+    queries = fake_systemd.journal_queries()
+    own = next(q for q in queries if "_SYSTEMD_UNIT=" in q)
+    manager = next(q for q in queries if "_PID=1" in q)
+    assert "_SYSTEMD_UNIT=unbounded-agent-daemon.service _SYSTEMD_INVOCATION_ID=inv-crashed" in own
+    assert f"--since @{int(switched_at)}" in own and "UNIT=unbounded-agent-daemon.service _PID=1" in manager
+    assert fake_systemd.calls == [("start", units.RECOVERY_UNIT)]
+    assert lay.link_target(layout.CURRENT) == layout.GREEN  # probation itself changes no link
+
+
+def test_the_journal_excerpt_is_bounded(cfg, switched, fake_systemd):
+    fake_systemd.daemon_crashed(3)
+    fake_systemd.journal(unit_lines=[f"line {i} " + "x" * 1000 for i in range(100)],
+                         manager_lines=[f"Main process exited, code=exited, status={i}" for i in range(100)])
+    rec = probation.run(cfg)
+    journal = rec.failure.journal
+    assert len(journal) == probation.JOURNAL_LINES and all(len(line) <= 300 for line in journal)
+    assert journal[0].startswith("line 85 ") and journal[-1] == "Main process exited, code=exited, status=99"
+
+
+def test_probation_gives_up_after_repeated_interruptions(cfg, switched, fake_systemd):
+    store = Store(cfg)
+    rec = store.read()
+    rec.probation.attempts = probation.MAX_ATTEMPTS  # started that often, killed each time
+    store.write(rec)
+    rec = probation.run(cfg)  # the daemon is healthy, but this record never got a whole window
+    assert rec.phase == record.RECOVERING and rec.probation.attempts == probation.MAX_ATTEMPTS + 1
+    assert f"interrupted {probation.MAX_ATTEMPTS} times" in rec.failure.detail
+    assert fake_systemd.calls == [("start", units.RECOVERY_UNIT)]
+
+
+def test_a_daemon_that_cannot_be_watched_is_not_committed(cfg, switched, fake_systemd, monkeypatch):
+    def unreachable(name):
+        raise systemd.SystemdError("cannot query unbounded-agent-daemon.service over D-Bus: Connection refused")
+
+    monkeypatch.setattr(systemd, "service_snapshot", unreachable)
+    rec = probation.run(cfg)
+    assert rec.phase == record.RECOVERING and "cannot watch the daemon" in rec.failure.detail
+
+
+def test_a_verdict_on_a_record_that_left_probation_is_dropped(cfg, switched, fake_systemd, monkeypatch):
+    """Recovery (through the daemon's OnFailure=) decided while probation watched: probation's verdict
+    must not overwrite it, nor start recovery a second time."""
+    snapshot = fake_systemd.service_snapshot
+    store = Store(cfg)
+
+    def meanwhile(name):
+        rec = store.read()
+        if rec.phase == record.PROBATION:
+            store.finish(rec, record.ROLLED_BACK, Reason.DAEMON_FAILED, "rolled back by recovery")
+        return snapshot(name)
+
+    monkeypatch.setattr(systemd, "service_snapshot", meanwhile)
+    rec = probation.run(cfg)
+    assert rec.phase == record.ROLLED_BACK and rec.message == "rolled back by recovery"
+    assert read(cfg).phase == record.ROLLED_BACK and fake_systemd.calls == []
+
+
+def test_a_forced_release_that_passes_probation_leaves_quarantine(cfg, tmp_path, release, host_lock, fake_systemd):
+    seed(cfg, tmp_path)
+    release()
+    digest = sha(agent_body("2.0.0"))
+    store = Store(cfg)
+    store.quarantine_add(QuarantineEntry(digest=digest, version="2.0.0", operation="op-0"))
+    store.quarantine_add(QuarantineEntry(digest="f" * 64, version="0.9.0", operation="op-older"))
+    host_lock.hold(ID)
+    begin(cfg, force=True)
+    run_chain(cfg)
+    assert probation.run(cfg).committed
+    assert store.quarantined(digest) is None and [e.version for e in store.quarantine()] == ["0.9.0"]
+
+
+def test_a_rollback_on_request_commits_with_its_own_words(cfg, tmp_path, release, host_lock, fake_systemd):
+    lay = seed(cfg, tmp_path)
+    release()
+    upgrade_to(cfg, host_lock, fake_systemd, "upgrade-first")
+    host_lock.hold("rollback-1", "rollback")
+    begin(cfg, "rollback-1", kind="rollback")
+    run_chain(cfg, "rollback-1")
+    assert lay.link_target(layout.CURRENT) == layout.BLUE and lay.link_target(layout.LAST_GOOD) == layout.GREEN
+    rec = probation.run(cfg)
+    assert rec.committed and "rolled back on request from 2.0.0 to 1.0.0" in rec.message
+
+
+def test_probation_without_an_upgrade_on_probation_does_nothing(cfg, tmp_path, fake_systemd):
+    seed(cfg, tmp_path)
+    assert probation.run(cfg) is None and fake_systemd.calls == []
+
+
+def test_no_secret_reaches_the_record_through_probation(cfg, tmp_path, release, host_lock, fake_systemd):
+    seed(cfg, tmp_path)
+    release(url=SECRET_URL)
+    host_lock.hold(ID)
+    begin(cfg, url=SECRET_URL)
+    run_chain(cfg)
+    fake_systemd.daemon_crashed(3)
+    probation.run(cfg)
+    assert all(SECRET not in text.decode(errors="replace") for text in state_files(cfg).values())
+
+
+@pytest.mark.parametrize("holder", [None, ("reset-1", "reset"), ("upgrade-other", "upgrade")])
+def test_probation_refuses_and_changes_nothing_without_the_lock_for_its_operation(cfg, switched, host_lock,
+                                                                                  fake_systemd, holder):
+    lay = switched
+    if holder:
+        host_lock.hold(*holder)
+    else:
+        host_lock.free()
+    fake_systemd.daemon_crashed(3)
+    before = state_files(cfg), links(lay)
+    with pytest.raises(OpsError) as e:
+        probation.run(cfg)
+    assert e.value.reason == Reason.HOST_LOCKED
+    assert (state_files(cfg), links(lay)) == before and read(cfg).probation.attempts == 0
+    assert fake_systemd.calls == []
