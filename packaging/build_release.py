@@ -18,7 +18,8 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import zipapp
+import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +28,7 @@ TARBALL = "unbounded-agent-linux-amd64.tar.gz"
 MEMBER = "unbounded-agent"
 # -I: a root daemon must not pick up modules from PYTHONPATH, the user site or the working directory.
 INTERPRETER = "/usr/bin/python3 -I"
+ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip member can carry
 VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+~-]*$")  # also a valid Debian upstream version
 
 
@@ -41,10 +43,21 @@ MAIN = "import sys\n\nfrom unbounded_agent.cli import main\n\nsys.exit(main())\n
 
 
 def build_zipapp(version: str, target: Path) -> None:
+    """An executable zip (what zipapp writes), reproducible: members in name order with one timestamp,
+    so every build of a version is the same file and the .deb and the .rpm carry the same agent."""
+    when = time.gmtime(max(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), ZIP_EPOCH))[:6]
     with tempfile.TemporaryDirectory() as tmp:
         stage_package(Path(tmp), version)
         (Path(tmp) / "__main__.py").write_text(MAIN)
-        zipapp.create_archive(tmp, target, interpreter=INTERPRETER, compressed=True)
+        with open(target, "wb") as f:
+            f.write(b"#!" + INTERPRETER.encode() + b"\n")
+            with zipfile.ZipFile(f, "w") as z:
+                for path in sorted(Path(tmp).rglob("*")):
+                    if path.is_file():
+                        info = zipfile.ZipInfo(path.relative_to(tmp).as_posix(), date_time=when)
+                        info.compress_type = zipfile.ZIP_DEFLATED
+                        info.external_attr = 0o644 << 16
+                        z.writestr(info, path.read_bytes())
     target.chmod(0o755)
 
 
