@@ -1,6 +1,7 @@
 # unbounded-agent ops — build, package, test and demo.
 #   make release VERSION=1.2.3   dist/unbounded-agent-linux-amd64.tar.gz (and dist/unbounded-agent)
 #   make deb     VERSION=1.2.3   dist/unbounded-agent_<version>_all.deb, checked with lintian
+#   make man                     packaging/man/unbounded-agent.8 from the CLI's help and its template
 #   make test                    fast tests and the systemd test-host tests (needs root)
 #   make demo                    boots a test host, installs the .deb and shows what a user sees
 #   make check                   ruff (lint) on lib/, tests/, demo/, bench/ and packaging/, then mypy on lib/
@@ -15,7 +16,7 @@ VPY := $(VENV)/bin/python
 DEB := $(DIST)/unbounded-agent_$(VERSION)_all.deb
 DEB_BUILD ?= build/deb
 
-.PHONY: all setup release deb venv check test test-fast testhost-tree demo bench e2e-cluster clean
+.PHONY: all setup release deb man venv check test test-fast testhost-tree demo bench e2e-cluster clean
 
 all: deb
 
@@ -41,6 +42,10 @@ deb: setup release
 	cp $(DEB_BUILD)/unbounded-agent_$(VERSION)_all.deb $(DIST)/
 	lintian --fail-on error $(DEB)
 	@echo "built $(DEB)"
+
+# The man page is generated from the CLI's help and checked in (tests/unit/test_man_page.py).
+man:
+	$(PY) packaging/manpage.py --write
 
 $(VENV)/.ready: tests/requirements.txt | setup
 	$(PY) -m venv --system-site-packages $(VENV)

@@ -1,0 +1,140 @@
+#!/usr/bin/python3
+"""Generate unbounded-agent(8) from the CLI's own parser and the prose of packaging/man/unbounded-agent.8.in.
+
+    manpage.py            print the page
+    manpage.py --write    write packaging/man/unbounded-agent.8 (`make man`)
+    manpage.py --check    exit 1 when the checked-in page differs from what the CLI says
+
+The template's lines @SYNOPSIS@, @COMMANDS@ and @EXIT_STATUS@ are replaced by the subcommands, their
+arguments and help texts (cli.build_parser) and the exit code of every failure reason (reasons.Reason).
+The page is checked in, so both packages install the same file and a reviewer reads it in the diff;
+tests/unit/test_man_page.py fails when it no longer matches the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "packaging" / "man" / "unbounded-agent.8.in"
+PAGE = ROOT / "packaging" / "man" / "unbounded-agent.8"
+sys.path.insert(0, str(ROOT / "lib"))
+
+from unbounded_agent import cli  # noqa: E402
+from unbounded_agent.reasons import Reason  # noqa: E402
+
+
+def roff(text: str) -> str:
+    """Plain text as roff input: backslashes escaped, and no line that a control character would start."""
+    text = text.replace("\\", "\\e")
+    return "\n".join("\\&" + line if line.startswith((".", "'")) else line for line in text.split("\n"))
+
+
+def option_roff(s: str) -> str:
+    return s.replace("-", "\\-")
+
+
+def commands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(name, one-line help, parser) of every subcommand, in the order the CLI declares them."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [(c.dest, c.help or "", sub.choices[c.dest]) for c in sub._choices_actions]
+
+
+def arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+
+
+def expanded_help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    # argparse's own expansion, so that %(default)s and %% read as they do in --help
+    return parser._get_formatter()._expand_help(action) if action.help else ""
+
+
+def synopsis_lines(name: str, parser: argparse.ArgumentParser) -> list[str]:
+    out = [f".B unbounded-agent {name}"]
+    for a in arguments(parser):
+        if not a.option_strings:
+            out.append(f".I {a.metavar or a.dest}")
+        elif a.nargs == 0:
+            out.append(f".RB [ {option_roff(a.option_strings[-1])} ]")
+        else:
+            out += [f".RB [ {option_roff(a.option_strings[-1])}", f".IR {a.metavar or a.dest.upper()} ]"]
+    return out
+
+
+def synopsis(parser: argparse.ArgumentParser) -> str:
+    blocks = ["\n".join(synopsis_lines(name, p)) for name, _, p in commands(parser)]
+    return "\n.br\n".join(blocks)
+
+
+def argument_term(a: argparse.Action) -> str:
+    if not a.option_strings:
+        return f".I {a.metavar or a.dest}"
+    names = ", ".join(option_roff(o) for o in a.option_strings)
+    return f".B {names}" if a.nargs == 0 else f".BI \"{names} \" {a.metavar or a.dest.upper()}"
+
+
+def command_block(name: str, help_text: str, parser: argparse.ArgumentParser) -> str:
+    positionals = " ".join(f"\\fI{a.metavar or a.dest}\\fR" for a in arguments(parser) if not a.option_strings)
+    # the command's description (its --help) says more than its one line in the command list
+    text = parser.description or help_text[:1].upper() + help_text[1:] + "."
+    lines = [".TP", f".B {name}" + (f" {positionals}" if positionals else ""), roff(text)]
+    args = arguments(parser)
+    if args:
+        lines.append(".RS")
+        for a in args:
+            lines += [".TP", argument_term(a), roff(expanded_help(parser, a))]
+        lines.append(".RE")
+    return "\n".join(lines)
+
+
+def exit_status() -> str:
+    lines = ["0 on success, 1 on an unexpected error (a Python traceback), 2 on a usage error, and one code per",
+             "failure reason, the reason a MachineOperation's status and the journal name:"]
+    for reason in Reason:
+        if reason is not Reason.SUCCEEDED:
+            lines += [".TP", f".B {reason.exit_code}", reason.value]
+    return "\n".join(lines)
+
+
+def render() -> str:
+    parser = cli.build_parser()
+    fill = {
+        "@SYNOPSIS@": synopsis(parser),
+        "@COMMANDS@": "\n".join(command_block(*c) for c in commands(parser)),
+        "@EXIT_STATUS@": exit_status(),
+    }
+    out = []
+    for line in TEMPLATE.read_text().split("\n"):
+        if line.startswith('.\\"'):
+            continue  # the template's own comments say how to edit it, not the page
+        out.append(fill.get(line, line))
+    page = "\n".join(out)
+    missing = [key for key in fill if key not in TEMPLATE.read_text()]
+    if missing:
+        raise SystemExit(f"manpage: {TEMPLATE} lacks {', '.join(missing)}")
+    header = '.\\" Generated by packaging/manpage.py from packaging/man/unbounded-agent.8.in and the CLI: do not edit.\n'
+    return header + page
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help=f"write {PAGE.relative_to(ROOT)}")
+    mode.add_argument("--check", action="store_true", help="exit 1 when the checked-in page is out of date")
+    args = ap.parse_args()
+    page = render()
+    if args.write:
+        PAGE.write_text(page)
+    elif args.check:
+        if not PAGE.exists() or PAGE.read_text() != page:
+            print(f"manpage: {PAGE.relative_to(ROOT)} is out of date: run `make man`", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
