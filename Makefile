@@ -1,8 +1,9 @@
 # unbounded-agent ops — build, package, test and demo.
 #   make release VERSION=1.2.3   dist/unbounded-agent-linux-amd64.tar.gz (and dist/unbounded-agent)
 #   make deb     VERSION=1.2.3   dist/unbounded-agent_<version>_all.deb, checked with lintian
+#   make rpm     VERSION=1.2.3   dist/unbounded-agent-<version>-1.noarch.rpm (RHEL/Fedora), checked with rpmlint
 #   make man                     packaging/man/unbounded-agent.8 from the CLI's help and its template
-#   make test                    fast tests and the systemd test-host tests (needs root)
+#   make test                    fast tests, the package tests and the systemd test-host tests (needs root)
 #   make demo                    boots a test host, installs the .deb and shows what a user sees
 #   make check                   ruff (lint) on lib/, tests/, demo/, bench/ and packaging/, then mypy on lib/
 #   make bench                   timings and peak memory (bench/bench_*.py)
@@ -15,8 +16,15 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 DEB := $(DIST)/unbounded-agent_$(VERSION)_all.deb
 DEB_BUILD ?= build/deb
+RPM_BUILD ?= build/rpm
+RPM_RELEASE ?= 1
+RPM := $(DIST)/unbounded-agent-$(VERSION)-$(RPM_RELEASE).noarch.rpm
+# The target's Python version when Debian's rpm builds the package (packaging/rpm/macros.build-host).
+RPM_PYTHON3_VERSION ?=
+# rpmbuild sees the build host's clock in the changelog unless SOURCE_DATE_EPOCH pins it.
+RPM_CHANGELOG_DATE := $(shell LC_ALL=C date -u $(if $(SOURCE_DATE_EPOCH),-d @$(SOURCE_DATE_EPOCH)) '+%a %b %d %Y')
 
-.PHONY: all setup release deb man venv check test test-fast testhost-tree demo bench e2e-cluster clean
+.PHONY: all setup release deb rpm man venv check test test-fast test-package testhost-tree demo bench e2e-cluster clean
 
 all: deb
 
@@ -27,21 +35,49 @@ setup:
 release:
 	$(PY) packaging/build_release.py --version '$(VERSION)' --out '$(DIST)'
 
+# The source tree both packages build from: the repository's files, the library with the version
+# stamped in and the release zipapp (the packaged agent). $(1) is the directory to fill.
+define stage_source
+	rm -rf $(1) && mkdir -p $(1)/agent $(1)/packaging
+	cp -r pyproject.toml README.md bin units $(1)/
+	cp -r packaging/man packaging/kubernetes $(1)/packaging/
+	echo $(VERSION) > $(1)/VERSION
+	$(PY) packaging/build_release.py --version $(VERSION) --out $(DIST) --stage-only $(1)/lib
+	cp $(DIST)/unbounded-agent $(1)/agent/unbounded-agent
+endef
+
 # dpkg-buildpackage wants debian/ at the top of a source tree: assemble one under build/.
 deb: setup release
-	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/src/agent
-	cp -r pyproject.toml README.md bin units $(DEB_BUILD)/src/
-	mkdir -p $(DEB_BUILD)/src/packaging && cp -r packaging/man packaging/kubernetes $(DEB_BUILD)/src/packaging/
-	echo $(VERSION) > $(DEB_BUILD)/src/VERSION
+	rm -rf $(DEB_BUILD)
+	$(call stage_source,$(DEB_BUILD)/src)
 	cp -r packaging/debian $(DEB_BUILD)/src/debian
-	$(PY) packaging/build_release.py --version $(VERSION) --out $(DIST) --stage-only $(DEB_BUILD)/src/lib
-	cp $(DIST)/unbounded-agent $(DEB_BUILD)/src/agent/unbounded-agent
 	$(PY) packaging/debian_changelog.py $(VERSION) > $(DEB_BUILD)/src/debian/changelog
 	# A clean PATH: the package must build with the distribution's python3, not another one first on PATH.
 	cd $(DEB_BUILD)/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b --no-sign >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
 	cp $(DEB_BUILD)/unbounded-agent_$(VERSION)_all.deb $(DIST)/
 	lintian --fail-on error $(DEB)
 	@echo "built $(DEB)"
+
+# rpmbuild from a source tarball of the same staged tree. On Debian the build dependencies come from
+# apt (setup), not from an RPM database, hence --nodeps; the RHEL/Fedora macros Debian's rpm lacks come
+# from packaging/rpm/macros.build-host, loaded only where rpm does not know %systemd_post.
+rpm: setup release
+	rm -rf $(RPM_BUILD) && mkdir -p $(RPM_BUILD)/SOURCES
+	$(call stage_source,$(RPM_BUILD)/unbounded-agent-$(VERSION))
+	cp -r packaging/rpm $(RPM_BUILD)/unbounded-agent-$(VERSION)/packaging/
+	# The RPM ships the license text (Fedora's %license); Debian's packages point at common-licenses.
+	# Not at the top of the tree, where setuptools would add it to the wheel's metadata.
+	cp /usr/share/common-licenses/Apache-2.0 $(RPM_BUILD)/unbounded-agent-$(VERSION)/packaging/rpm/LICENSE
+	tar -C $(RPM_BUILD) --owner=0 --group=0 -czf $(RPM_BUILD)/SOURCES/unbounded-agent-$(VERSION).tar.gz unbounded-agent-$(VERSION)
+	macros=$$(rpm --eval '%{?systemd_post:found}' | grep -q found || echo "--load packaging/rpm/macros.build-host"); \
+	env PATH=/usr/sbin:/usr/bin:/sbin:/bin rpmbuild -bb --nodeps $$macros \
+	  --define "_topdir $(abspath $(RPM_BUILD))" --define "upstream_version $(VERSION)" \
+	  --define "pkg_release $(RPM_RELEASE)" --define "changelog_date $(RPM_CHANGELOG_DATE)" \
+	  $(if $(RPM_PYTHON3_VERSION),--define "python3_version $(RPM_PYTHON3_VERSION)") \
+	  packaging/rpm/unbounded-agent.spec >$(RPM_BUILD)/build.log 2>&1 || { tail -40 $(RPM_BUILD)/build.log; exit 1; }
+	cp $(RPM_BUILD)/RPMS/noarch/$(notdir $(RPM)) $(DIST)/
+	rpmlint -c packaging/rpm/rpmlint.toml $(RPM)
+	@echo "built $(RPM)"
 
 # The man page is generated from the CLI's help and checked in (tests/unit/test_man_page.py).
 man:
@@ -61,11 +97,15 @@ check: venv
 	$(VENV)/bin/ruff check lib tests demo bench packaging
 	$(VENV)/bin/mypy lib
 
-test: venv deb
-	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest tests/unit tests/host
+test: venv deb rpm
+	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest tests/unit tests/package tests/host
 
 test-fast: venv
 	$(VPY) -m pytest tests/unit
+
+# The built packages themselves: payloads compared, the .rpm installed into a scratch root.
+test-package: venv deb rpm
+	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest tests/package
 
 demo: venv deb
 	$(VPY) demo/demo.py --deb $(DEB)

@@ -6,6 +6,8 @@ set -euo pipefail
 packages=(
   # build the release and the Debian package
   make debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-venv lintian
+  # build and check the RPM package (rpm brings rpmbuild and the python and systemd macros it can)
+  rpm rpmlint
   # the agent's runtime dependencies (the venv uses them through system site-packages)
   python3-pystemd python3-pyroute2 python3-requests python3-kubernetes python3-yaml
   # the systemd test host
