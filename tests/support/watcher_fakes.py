@@ -49,6 +49,23 @@ def wait_for(what: str, fn, timeout: float = WAIT, poll: float = 0.02):
     return wait_until(what, fn, timeout, poll)
 
 
+def crd_without_rules(directory: Path) -> Path:
+    """Our CRD as upstream's is: no x-kubernetes-validations, no defaults (the API server takes any operation)."""
+    import yaml
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("x-kubernetes-validations", "default")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    crd = yaml.safe_load((REPO / "packaging" / "kubernetes" / "crd-machineoperations.yaml").read_text())
+    path = Path(directory) / "crd-without-rules.yaml"
+    path.write_text(yaml.safe_dump(strip(crd), sort_keys=False))
+    return path
+
+
 class FakeDispatcher:
     """The dispatcher's side of the spool, moved by the test: nothing here runs on its own."""
 
@@ -256,8 +273,11 @@ class Harness:
 
     # -- operations --------------------------------------------------------------------------------
 
-    def create(self, name: str, kind: str, machine: str = MACHINE, ttl: int | None = None, **params) -> dict:
-        spec = {"machineRef": machine, "operationKind": kind}
+    def create(self, name: str, kind: str, machine: str | None = MACHINE, ttl: int | None = None,
+               selector: dict | None = None, **params) -> dict:
+        spec = {"machineRef": machine, "operationKind": kind} if machine else {"operationKind": kind}
+        if selector is not None:
+            spec["machineSelector"] = selector
         if params:
             spec["parameters"] = params
         if ttl is not None:

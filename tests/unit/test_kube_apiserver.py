@@ -191,7 +191,7 @@ def test_crd_schema_is_structural_and_validates_the_spec():
     assert spec["required"] == ["operationKind"]
     assert spec["properties"]["operationKind"]["enum"] == [
         "NodeReboot", "AgentUpgrade", "AgentReset", "HostReboot", "HostPowerOff", "HostPowerOn", "HostReplace"]
-    assert spec["properties"]["parameters"]["additionalProperties"] == {"type": "string"}
+    assert spec["properties"]["parameters"]["additionalProperties"] == {"type": "string", "maxLength": 8192}
     assert spec["properties"]["ttlSecondsAfterFinished"] == {**spec["properties"]["ttlSecondsAfterFinished"],
                                                              "type": "integer", "format": "int32", "minimum": 0}
     assert spec["properties"]["machineSelector"]["x-kubernetes-map-type"] == "atomic"
@@ -303,7 +303,8 @@ def test_get_prints_the_columns_of_the_docs(kubectl, api):
     api.create_cluster_custom_object(G, V, P, operation(name, machine="worker-07", kind="AgentReset"))
     lines = kubectl("get", "mop", name).stdout.splitlines()
     assert lines[0].split() == ["NAME", "KIND", "MACHINE", "PHASE", "AGE"]
-    assert re.fullmatch(rf"{name}\s+AgentReset\s+worker-07\s+\d+s", lines[1])  # no phase yet: an empty cell
+    # Pending before anyone wrote a status: the CRD's default
+    assert re.fullmatch(rf"{name}\s+AgentReset\s+worker-07\s+Pending\s+\d+s", lines[1])
 
     set_phase(api, name, "Failed")
     condition = {"type": "Completed", "status": "False", "reason": "ExecutionFailed", "message": "step 2 failed",
@@ -322,7 +323,7 @@ def test_get_watch_shows_phase_changes_made_through_the_status_subresource(kubec
     try:
         output = LineReader(process)
         wait_until(lambda: server.count(verb="watch", resource=P) > watches)
-        for phase in ("Pending", "InProgress", "Complete"):
+        for phase in ("InProgress", "Complete"):
             set_phase(api, name, phase)
         lines = output.wait_for(rf"{name}.*Complete")
     finally:
@@ -330,8 +331,9 @@ def test_get_watch_shows_phase_changes_made_through_the_status_subresource(kubec
         process.wait()
     assert lines[0].split() == ["NAME", "KIND", "MACHINE", "PHASE", "AGE"]
     phases = [line.split()[3] if len(line.split()) == 5 else "" for line in lines[1:]]
-    # The first row is the GET; the watch's synthetic ADDED for the same object is dropped by kubectl.
-    assert phases == ["", "Pending", "InProgress", "Complete"], lines
+    # The first row is the GET (Pending: the CRD's default); the watch's synthetic ADDED for the same object is
+    # dropped by kubectl.
+    assert phases == ["Pending", "InProgress", "Complete"], lines
 
 
 def test_invalid_operation_kind_is_rejected_with_a_clear_error(kubectl, tmp_path):
@@ -552,7 +554,7 @@ def test_watch_sees_objects_enter_and_leave_its_selector(api):
 
 def test_watch_from_an_expired_resource_version_is_410_gone(server, api, op):
     old = op["metadata"]["resourceVersion"]
-    set_phase(api, op["metadata"]["name"], "Pending")
+    set_phase(api, op["metadata"]["name"], "InProgress")
     server.compact()  # as etcd compaction would: old versions leave the window
     with pytest.raises(client.ApiException) as e:
         stream(api, resource_version=old)
@@ -623,12 +625,13 @@ def test_status_subresource_semantics(api, op):
     obj = api.patch_cluster_custom_object_status(G, V, P, name, {"spec": {"machineRef": "elsewhere"},
                                                                  "metadata": {"labels": {"x": "y"}}})
     assert obj["spec"]["machineRef"] == "worker-01" and "labels" not in obj["metadata"]
-    # A spec change bumps the generation.
-    obj = api.patch_cluster_custom_object(G, V, P, name, {"spec": {"ttlSecondsAfterFinished": 5}})
+    # A spec change bumps the generation (while Pending: the CRD's rules keep a started operation as it was).
+    other = api.create_cluster_custom_object(G, V, P, operation(unique()))
+    obj = api.patch_cluster_custom_object(G, V, P, other["metadata"]["name"], {"spec": {"ttlSecondsAfterFinished": 5}})
     assert obj["metadata"]["generation"] == 2
-    # Status sent with a create is dropped.
+    # Status sent with a create is dropped: the status is the CRD's default.
     created = api.create_cluster_custom_object(G, V, P, {**operation(unique()), "status": {"phase": "Complete"}})
-    assert "status" not in created
+    assert created["status"] == {"phase": "Pending"}
 
 
 def test_a_no_op_write_keeps_the_resource_version(api, op):
@@ -741,7 +744,7 @@ def test_tables_come_from_the_printer_columns(api_client, op):
         assert [(c["name"], c["priority"]) for c in table["columnDefinitions"]] == [
             ("Name", 0), ("Kind", 0), ("Machine", 0), ("Phase", 0), ("Age", 0), ("Reason", 1)]
         row = next(r for r in table["rows"] if r["cells"][0] == op["metadata"]["name"])
-        assert row["cells"][1:4] == ["AgentUpgrade", "worker-01", None]
+        assert row["cells"][1:4] == ["AgentUpgrade", "worker-01", "Pending"]
         assert row["object"]["kind"] == "PartialObjectMetadata"
 
 

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from watcher_fakes import AGENT, MACHINE, Harness, wait_for
+from watcher_fakes import AGENT, MACHINE, Harness, crd_without_rules, wait_for
 
 from unbounded_agent.kube import client as kubeclient
 from unbounded_agent.kube import mop
@@ -63,7 +63,7 @@ def test_only_this_machines_operations_are_handled(h):
     h.finish_reset("mine-2")
     h.wait_phase("mine-2", "Complete")
     for name in ("other", "other-2"):
-        assert h.get(name).get("status") in (None, {}) and h.events(name) == []
+        assert h.get(name)["status"] == {"phase": "Pending"} and h.events(name) == []  # the default only
         assert not h.agent_requests(name=name)
     assert {r.operation.split("@")[0] for r in h.dispatcher.results()} == {"mine", "mine-2"}
     q = [r.query for r in h.agent_requests() if r.verb in ("list", "watch")]
@@ -82,7 +82,7 @@ def test_where_the_server_cannot_select_by_machine_the_others_are_still_untouche
         h.settle()
         assert h.watcher.listwatch.client_side
         for name in ("other", "other-2"):
-            assert h.get(name).get("status") in (None, {}) and h.events(name) == []
+            assert h.get(name)["status"] == {"phase": "Pending"} and h.events(name) == []  # the default only
         assert {r.operation.split("@")[0] for r in h.dispatcher.results()} == {"mine"}
         assert all(mop.machine(o) == MACHINE for o in h.watcher.cache.values())
 
@@ -110,23 +110,19 @@ def test_unsupported_and_invalid_fail_at_once_host_kinds_are_untouched(h):
     h.create("busy", "AgentUpgrade", downloadURL=URL)  # in progress: the failures below do not wait for it
     h.wait_phase("busy", "InProgress")
     h.create("reboot", "NodeReboot")
-    h.create("no-url", "AgentUpgrade")
     h.create("reset-args", "AgentReset", allWG="true")
     for kind in HOST_KINDS:
         h.create(kind.lower(), kind)
     h.wait_phase("reboot", "Failed")
     assert h.condition("reboot")["reason"] == "UnsupportedOperation"
     assert "NodeReboot is not implemented" in h.condition("reboot")["message"]
-    h.wait_phase("no-url", "Failed")
-    assert h.condition("no-url")["reason"] == "InvalidParameters"
-    assert 'missing required parameter "downloadURL"' in h.condition("no-url")["message"]
     h.wait_phase("reset-args", "Failed")
     assert h.condition("reset-args")["reason"] == "InvalidParameters"
     h.finish_upgrade("busy")
     h.wait_phase("busy", "Complete")
     h.settle()
     for kind in HOST_KINDS:
-        assert h.get(kind.lower()).get("status") in (None, {})
+        assert h.get(kind.lower())["status"] == {"phase": "Pending"}  # the CRD's default only
         assert not h.agent_requests(name=kind.lower()) and h.events(kind.lower()) == []
     assert len(h.dispatcher.submitted()) == 1
 
@@ -241,3 +237,32 @@ def test_an_operation_moved_to_another_machine_is_not_claimed(h):
     h.wait_phase("first", "Complete")
     h.settle()
     assert h.dispatcher.submitted() == [first.id] and h.phase("moved") == "Pending"
+
+
+def test_the_crds_rules_refuse_what_the_agent_would_fail(h):
+    """With our CRD, the API server itself refuses a bad operation, with the rule's message."""
+    with pytest.raises(kubeclient.ApiError) as e:
+        h.create("no-url", "AgentUpgrade")
+    assert e.value.code == 422 and "AgentUpgrade needs parameters.downloadURL" in e.value.message
+    with pytest.raises(kubeclient.ApiError) as e:
+        h.create("both", "AgentReset", selector={"matchLabels": {"pool": "a"}})
+    assert e.value.code == 422 and "exactly one of machineRef and machineSelector must be set" in e.value.message
+
+
+def test_without_the_crds_rules_the_agent_fails_bad_operations_itself_and_leaves_selectors_alone(tmp_path):
+    with Harness(tmp_path, crds=[crd_without_rules(tmp_path)]) as h:
+        h.start()
+        h.synced()
+        h.create("selected", "AgentUpgrade", machine=None, selector={"matchLabels": {"pool": "a"}},
+                 downloadURL=URL)  # for the fan-out controller: never this agent's
+        h.create("no-url", "AgentUpgrade")
+        h.create("both", "AgentReset", selector={"matchLabels": {"pool": "a"}})
+        h.wait_phase("no-url", "Failed")
+        assert h.condition("no-url")["reason"] == "InvalidParameters"
+        assert 'missing required parameter "downloadURL"' in h.condition("no-url")["message"]
+        h.wait_phase("both", "Failed")
+        assert h.condition("both")["reason"] == "InvalidParameters"
+        assert "machineRef and machineSelector are both set" in h.condition("both")["message"]
+        h.settle()
+        assert not h.get("selected").get("status") and not h.agent_requests(name="selected")
+        assert h.events("selected") == [] and h.dispatcher.submitted() == []
