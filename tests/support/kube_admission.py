@@ -49,7 +49,12 @@ def _program(expression: str):
 
 
 def _cel(value: Any):
-    return value if isinstance(value, CELEvalError) else celpy.json_to_cel(value)
+    if isinstance(value, CELEvalError):
+        return value
+    if isinstance(value, dict) and any(isinstance(v, CELEvalError) for v in value.values()):
+        # variables: one that failed is an error only where it is used
+        return celpy.celtypes.MapType({celpy.celtypes.StringType(k): _cel(v) for k, v in value.items()})
+    return celpy.json_to_cel(value)
 
 
 def evaluate(expression: str, activation: dict) -> Any:

@@ -2275,6 +2275,9 @@ class TestApiServer:
                         self.changed.wait(max(0.0, min(0.5, wake - time.monotonic())))
                         events = self._events_after(pos)
                     latest = self.rv
+                if self.cut_off is not None and self.cut_off(h.headers):  # cut off while it waited
+                    self._drop(h)
+                    return
                 for e in events:
                     pos = e.rv
                     if e.store != rt.store:

@@ -310,3 +310,21 @@ def test_a_request_that_leaves_the_queue_without_a_result_fails_the_operation(h)
     h.wait_phase("up", "Failed")
     cond = h.condition("up")
     assert cond["reason"] == Reason.EXECUTION_FAILED.value and "left this host's queue without a result" in cond["message"]
+
+
+def test_the_parameters_run_and_the_generation_published_are_of_one_version(h):
+    """The spec is changed after the fresh read, before InProgress is written: that write meets a conflict and is
+    made over the newer version, yet publishes the generation whose parameters were queued."""
+    def edit():
+        if len(hook.caught) == 2:  # the first write is Pending ("accepted"), before the read; the second InProgress
+            h.admin.request("PATCH", get_path("up"), body={"spec": {"parameters": {"downloadURL": OTHER_URL}}},
+                            content_type="application/merge-patch+json")
+
+    hook = h.before_agent("PUT", get_path("up") + "/status", action=edit, times=2)
+    h.create("up", "AgentUpgrade", downloadURL=URL)
+    h.start()
+    req = h.dispatcher.wait_request(h.operation("up"))
+    op = h.wait_phase("up", "InProgress")
+    assert op["metadata"]["generation"] == 2 and req.url == URL
+    assert h.condition("up")["observedGeneration"] == 1
+    assert any(r.code == 409 for r in h.agent_requests(verb="update"))

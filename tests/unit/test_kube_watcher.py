@@ -266,3 +266,60 @@ def test_without_the_crds_rules_the_agent_fails_bad_operations_itself_and_leaves
         h.settle()
         assert not h.get("selected").get("status") and not h.agent_requests(name="selected")
         assert h.events("selected") == [] and h.dispatcher.submitted() == []
+
+
+def test_an_operation_deleted_while_pending_behind_another_never_runs_across_a_partition(h):
+    """The agent loses the API server (kubectl still reaches it) while a reset waits behind an upgrade; the reset
+    is deleted; the upgrade finishes. The watcher's cache still holds the reset: it takes it up, but decides
+    nothing before a fresh read — which, once the server is back, says it is gone."""
+    h.start()
+    h.create("up", "AgentUpgrade", downloadURL=URL)
+    req = h.dispatcher.wait_request(h.operation("up"))
+    h.create("reset", "AgentReset")
+    wait_for("the reset to wait", lambda: "waiting for AgentUpgrade up" in
+             ((h.get("reset") or {}).get("status") or {}).get("message", ""))
+    reset_uid = h.get("reset")["metadata"]["uid"]
+    h.partition_agent()
+    h.delete("reset")
+    h.dispatcher.succeed(req, "upgraded from 1.0.0 to 2.0.0")
+    # the upgrade's end cannot be published; the reset, still in the cache, is taken up and waits for a read
+    wait_for("the reset to be taken up", lambda: (p := h.progress("reset", reset_uid)) and p.step == "accepted")
+    h.settle(5)
+    assert h.progress("reset", reset_uid).step == "accepted" and h.dispatcher.submitted() == [req.id]
+    h.partition_agent(False)
+    # (the watcher's backoff grew while the server was out of reach: up to 30 s before it asks again)
+    wait_for("up to be Complete", lambda: h.phase("up") == "Complete", timeout=120)
+    wait_for("the reset to be forgotten", lambda: h.progress("reset", reset_uid) is None, timeout=120)
+    assert h.dispatcher.submitted() == [req.id] and h.events("reset") == []
+    assert not [r for r in h.agent_requests(name="reset") if r.verb == "update" and r.code == 200 and
+                r.time > req_time(h, req)]
+
+
+def req_time(h, req) -> float:
+    """When the upgrade's result was written (the reset was deleted before)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(h.dispatcher.spool.result(req.id).finished_at.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_status_write_refused_for_one_operation_does_not_delay_the_others(h):
+    """Its writes always get 422: it says so in an Event on itself, and retries on its own backoff, while the
+    operations after it are written as they happen."""
+    h.create("stuck", "AgentReset")
+    h.before_agent("PUT", f"{kubeclient.MOP_PATH}/stuck/status", answer=422, times=None)
+    h.start()
+    stuck = h.dispatcher.wait_request(h.operation("stuck"))
+    wait_for("the refusal's Event", lambda: "StatusRefused" in h.event_reasons("stuck"))
+    h.dispatcher.open_gate(stuck, steps=[])
+    wait_for("stuck's gate to wait for its Complete", lambda: h.watcher.progress[
+        h.get("stuck")["metadata"]["uid"]].want.get("phase") == "Complete")
+    h.dispatcher.fail(stuck, Reason.EXECUTION_FAILED, "phase 2 failed")  # the host goes on without it
+    for name in ("a", "b"):
+        h.create(name, "AgentUpgrade", downloadURL=URL)
+        h.finish_upgrade(name)
+        h.wait_phase(name, "Complete")
+    assert h.phase("stuck") == "Pending"  # never written
+    refused = [e for e in h.events("stuck") if e["reason"] == "StatusRefused"]
+    assert len(refused) == 1 and refused[0]["type"] == "Warning" and "422" in refused[0]["message"]
+    wait_for("the refusals to be counted", lambda: [e for e in h.events("stuck")
+                                                     if e["reason"] == "StatusRefused"][0]["count"] >= 2)

@@ -111,6 +111,13 @@ class Recorder:
         self.journal.posted[key] = {"name": ev["metadata"]["name"], "namespace": ns, "count": ev["count"],
                                     "uid": ev["involvedObject"].get("uid") or "", "at": time.time()}
 
+    def drop(self, uid: str) -> None:
+        """The operation is gone: what waits to be said about it is not said."""
+        kept = [item for item in self.pending if item["event"]["involvedObject"].get("uid") != uid]
+        if len(kept) != len(self.pending):
+            self.journal.pending = kept
+            self._save()
+
     def forget(self, keep: set[str]) -> None:
         """Drop what aggregates into Events of operations no longer known (keep: their uids) or long gone."""
         now = time.time()

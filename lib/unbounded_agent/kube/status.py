@@ -136,6 +136,7 @@ class ApiWriter:
                                                          "reported" if p.step in (SUBMITTED, DONE) else ""))
             p.gone = True
             self.store.save(p)
+            self.recorder.drop(p.uid)
 
     def put_status(self, op: dict, want: dict, p: OperationProgress | None = None) -> dict | None:
         """Write want over op's status (PUT .../status with op's resourceVersion); on 409 Conflict read it
