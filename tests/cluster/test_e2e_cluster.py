@@ -65,7 +65,7 @@ class Cluster:
 
     def agent_client(self) -> kubeclient.Kube:
         kube = kubeclient.build(self.cfg.kubeconfig)
-        kube.api.set_default_header("Impersonate-User", f"unbounded-agent-{self.machine}")
+        kube.api.set_default_header("Impersonate-User", f"unbounded-agent:{self.machine}")
         kube.api.set_default_header("Impersonate-Group", "unbounded-agent-daemons")
         return kube
 

@@ -916,3 +916,82 @@ def test_cli_serves_until_interrupted(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CEL rules of the CRD, defaults, partitions
+
+def test_the_crds_rules_refuse_a_bad_operation_with_their_message(kubectl, tmp_path):
+    path = tmp_path / "bad.yaml"
+    both = operation(unique("both"), kind="AgentReset", machineSelector={"matchLabels": {"pool": "a"}})
+    neither = operation(unique("neither"), kind="AgentReset")
+    del neither["spec"]["machineRef"]
+    no_url = operation(unique("no-url"), parameters={"sha256": "ab" * 32})
+    for obj, message in ((both, "exactly one of machineRef and machineSelector must be set"),
+                         (neither, "exactly one of machineRef and machineSelector must be set"),
+                         (no_url, "AgentUpgrade needs parameters.downloadURL, the URL of the release tarball")):
+        path.write_text(yaml.safe_dump(obj))
+        r = kubectl("apply", "-f", path, check=False)
+        assert r.returncode == 1
+        assert r.stderr.strip() == (f'The MachineOperation "{obj["metadata"]["name"]}" is invalid: '
+                                    f'spec: Invalid value: "object": {message}')
+    selected = operation(unique("selected"), kind="AgentReset", machineSelector={"matchLabels": {"pool": "a"}})
+    del selected["spec"]["machineRef"]
+    path.write_text(yaml.safe_dump(selected))
+    kubectl("apply", "-f", path)  # a selector alone is fine
+
+
+def test_the_spec_cannot_change_once_the_operation_has_started(api, op):
+    name = op["metadata"]["name"]
+    api.patch_cluster_custom_object(G, V, P, name, {"spec": {"ttlSecondsAfterFinished": 60}})  # Pending: fine
+    set_phase(api, name, "InProgress")
+    with pytest.raises(client.ApiException) as e:
+        api.patch_cluster_custom_object(G, V, P, name, {"spec": {"ttlSecondsAfterFinished": 5}})
+    body = error_body(e.value)
+    assert (e.value.status, body["details"]["causes"][0]["field"]) == (422, "spec")
+    assert "spec cannot change once the operation has started" in body["message"]
+    # the status and the metadata still can
+    set_phase(api, name, "Complete")
+    api.patch_cluster_custom_object(G, V, P, name, {"metadata": {"labels": {"done": "yes"}}})
+
+
+def test_schema_defaults_apply_on_create_and_on_every_read(tmp_path):
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    no_default = copy.deepcopy(crd)
+    ns = no_default["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    ns.pop("default")
+    ns["properties"]["phase"].pop("default")
+    (tmp_path / "crd.yaml").write_text(yaml.safe_dump(no_default))
+    with start_apiserver(crds=[tmp_path / "crd.yaml"]) as srv:
+        api = client.CustomObjectsApi(config.new_client_from_config(srv.kubeconfig(tmp_path / "kc")))
+        before = api.create_cluster_custom_object(G, V, P, operation("before"))
+        assert "status" not in before
+        # the CRD gains its defaults: objects stored before show them on every read, as kube-apiserver does
+        path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+        api_client = api.api_client
+        stored = json.loads(api_client.call_api(path, "GET", _preload_content=False,
+                                                _return_http_data_only=True).data)
+        stored["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"] = status
+        api_client.call_api(path, "PUT", body=stored, header_params={"Content-Type": "application/json"},
+                            _preload_content=False)
+        assert api.get_cluster_custom_object(G, V, P, "before")["status"] == {"phase": "Pending"}
+        listed = api.list_cluster_custom_object(G, V, P)["items"]
+        assert [o["status"] for o in listed] == [{"phase": "Pending"}]
+        assert api.create_cluster_custom_object(G, V, P, operation("after"))["status"] == {"phase": "Pending"}
+
+
+def test_a_partition_cuts_off_only_the_clients_it_names(server, api, tmp_path):
+    other = config.new_client_from_config(server.kubeconfig(tmp_path / "other"))
+    other.user_agent = "cut-off/1.0"
+    cut = client.CustomObjectsApi(other)
+    cut.list_cluster_custom_object(G, V, P)
+    server.partition(lambda headers: headers.get("User-Agent", "").startswith("cut-off/"))
+    try:
+        with pytest.raises(Exception) as e:  # the connection is dropped unanswered
+            cut.list_cluster_custom_object(G, V, P, _request_timeout=5)
+        assert not isinstance(e.value, client.ApiException)
+        api.list_cluster_custom_object(G, V, P)  # everyone else is served
+    finally:
+        server.partition(None)
+    cut.list_cluster_custom_object(G, V, P)
