@@ -1904,6 +1904,13 @@ class TestApiServer:
         """The token is no longer accepted: 401 Unauthorized."""
         self.tokens.pop(token, None)
 
+    def rotate_token(self, token: str) -> str:
+        """A new token for the same user and groups; the old one is revoked. Returns the new one."""
+        user = self.tokens[token]
+        new = self.add_user(user.name, [g for g in user.groups if g != "system:authenticated"])
+        self.revoke_token(token)
+        return new
+
     def issue_client_cert(self, directory: str | os.PathLike, user: str, groups=(), name: str | None = None
                           ) -> tuple[str, str, str]:
         """A client certificate of the server's client CA (TLS only): CN=user, one O per group. Returns the paths

@@ -97,8 +97,7 @@ def test_a_token_file_that_rotates(server, tmp_path):
     kc = server.kubeconfig(tmp_path / "kc", credential={"tokenFile": str(token_file)})
     client = kubeclient.Client(lambda: kubeclient.build(kc))
     assert whoami(client()) == AGENT
-    replace(token_file, server.add_user(AGENT, [AGENT_GROUP]))
-    server.revoke_token(old)
+    replace(token_file, server.rotate_token(old))
     assert whoami(client()) == AGENT and client.builds == 2
 
 
@@ -115,8 +114,7 @@ def test_an_exec_plugin_is_run_again_when_its_token_is_refused(server, tmp_path)
         "apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin), "interactiveMode": "Never"}})
     client = kubeclient.Client(lambda: kubeclient.build(kc))
     assert whoami(client()) == AGENT
-    token_file.write_text(server.add_user(AGENT, [AGENT_GROUP]))  # the plugin's source rotated; no file we watch
-    server.revoke_token(old)
+    token_file.write_text(server.rotate_token(old))  # the plugin's source rotated: no file the agent watches
     with pytest.raises(Unavailable, match="401"):
         whoami(client())
     assert whoami(client()) == AGENT and client.builds == 2
