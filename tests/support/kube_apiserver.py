@@ -25,7 +25,7 @@ behaviour of a real server (Kubernetes 1.32 by default), not of a mock:
 - server-side Tables (Accept: application/json;as=Table;g=meta.k8s.io;v=v1) from additionalPrinterColumns
   on get, list and watch;
 - Events in both APIs (core v1 and events.k8s.io/v1, one store) with the real validation;
-- authentication by bearer token (revocable: revoke_token) and, over TLS, by client certificate (CN is the
+- authentication by bearer token (rotate_token, revoke_token) and, over TLS, by client certificate (CN is the
   user, each O a group, as kube-apiserver's x509 authenticator; issue_client_cert, revoke_client_cert: a
   revoked one is 401 Unauthorized), RBAC from the ClusterRoles/ClusterRoleBindings stored in the server
   (kubectl apply -f rbac.yaml), impersonation, SelfSubjectAccessReview (kubectl auth can-i);
