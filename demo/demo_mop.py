@@ -1,13 +1,18 @@
 """`make demo` chapter: MachineOperations driven with kubectl, as in the Unbounded docs.
 
 run(host, say) expects the .deb installed on host (demo.py does that first; if an earlier chapter reset the
-host, the agent is put back from the toolset package first). It starts the test API server outside the host, links the host to it
-(a veth pair), gives the agent its credential, and then, with kubectl only:
-  1. applies an AgentUpgrade to a new release and watches it: Pending → InProgress → Complete;
-  2. applies an AgentUpgrade to a release whose daemon crashes and watches it fail with DaemonFailed,
+host, the agent is put back from the toolset package first). It starts the test API server in a network
+namespace of its own (a test network, bridged to the host; kubectl runs there too, through nsenter --net),
+applies the CRD, the agent's ClusterRole and the per-machine admission policy, gives the agent its client
+certificate (CN=unbounded-agent:<host>, O=unbounded-agent-daemons), and then, with kubectl only:
+  1. shows that a bad operation is refused by the CRD's rules, and that the agent cannot speak for another
+     machine (`kubectl auth can-i`, and a forged status write denied by the policy);
+  2. applies an AgentUpgrade to a new release and watches it: Pending → InProgress → Complete;
+  3. applies an AgentUpgrade to a release whose daemon crashes and watches it fail with DaemonFailed,
      while the host keeps running the good version;
-  3. applies an AgentReset and watches it complete before the agent removes itself (the dispatcher waits at
+  4. applies an AgentReset and watches it complete before the agent removes itself (the dispatcher waits at
      the reset's gate until the daemon has published Complete, then runs the phase that removes the agent).
+`kubectl describe mop` tells each story: conditions and Events.
 """
 
 from __future__ import annotations
@@ -27,16 +32,16 @@ for _p in (REPO / "demo", REPO / "tests" / "support", REPO / "lib"):  # run from
         sys.path.insert(0, str(_p))
 
 import releases  # noqa: E402
-from mop_host import KUBECTL, KubeLink, daemon_state, mop, wait_until  # noqa: E402
+from mop_host import AGENT_CONFIG_DIR, KubeLink, agent_user, daemon_state, mop, wait_until  # noqa: E402
 
 from demo import show  # noqa: E402
 
 TERMINAL = ("Complete", "Failed")
 
 
-def kubectl(kube: KubeLink, *args: str) -> str:
+def kubectl(kube: KubeLink, *args: str, kubeconfig: str | None = None, stdin: str | None = None) -> str:
     print(f"$ kubectl {shlex.join(args)}", flush=True)
-    r = kube.kubectl(*args, check=False)
+    r = kube.kubectl(*args, check=False, kubeconfig=kubeconfig, stdin=stdin)
     out = (r.stdout + r.stderr).rstrip()
     if out:
         print(out, flush=True)
@@ -55,7 +60,7 @@ def apply(kube: KubeLink, manifest: dict) -> None:
 def watch(kube: KubeLink, name: str, timeout: float = 300) -> str:
     """`kubectl get mop NAME -w`, printed live, until the operation is Complete or Failed."""
     print(f"$ kubectl get mop {name} -w", flush=True)
-    proc = subprocess.Popen([KUBECTL, "get", "mop", name, "-w"], env=kube.env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(kube.command("get", "mop", name, "-w"), env=kube.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     phase = ""
     deadline = time.monotonic() + timeout
@@ -89,17 +94,38 @@ def _ensure_agent(host, say) -> None:
 def run(host, say) -> None:
     _ensure_agent(host, say)
     work = Path(tempfile.mkdtemp(prefix="demo-mop-"))
-    say("MachineOperations: a Kubernetes API server (the test one) and a link from the host to it")
+    say("MachineOperations: a Kubernetes API server (the test one) in a test network, and a link from the host")
     kube = KubeLink.start(host, work)
     try:
-        print(f"API server at {kube.server.url}; the agent's credential is in group unbounded-agent-daemons "
-              "(packaging/kubernetes/rbac.yaml)", flush=True)
+        print(f"API server at {kube.server.url} (in the test network); the agent's client certificate says "
+              f"CN={agent_user(host)}, O=unbounded-agent-daemons (packaging/kubernetes/rbac.yaml, "
+              "admission-policy.yaml)", flush=True)
         kubectl(kube, "create", "-f", str(_machine_manifest(kube, host.name)))
         kube.configure_agent(host)
         show(host, ["cat", "/etc/unbounded/agent/config.yaml"])
         show(host, ["systemctl", "status", "--no-pager", "--lines=4", "unbounded-agent-daemon"])
         kubectl(kube, "get", "crd", "machineoperations.unbounded-cloud.io")
+        kubectl(kube, "get", "validatingadmissionpolicies,validatingadmissionpolicybindings")
         before = host.run(["unbounded-agent", "version"]).stdout.split()[-1]
+
+        say("The CRD says no: an AgentUpgrade without downloadURL is refused by the API server")
+        bad = yaml.safe_dump(mop(f"upgrade-agent-{host.name}-no-url", host.name, "AgentUpgrade"), sort_keys=False)
+        print(bad.rstrip(), flush=True)
+        kubectl(kube, "apply", "-f", "-", stdin=bad)
+
+        say(f"Per-machine authorization: the agent of {host.name} cannot speak for worker-02")
+        apply(kube, mop("reset-agent-worker-02", "worker-02", "AgentReset"))
+        as_agent = kube.server.kubeconfig(kube.workdir / "as-the-agent.kubeconfig", user=agent_user(host), credential={
+            "client-certificate": str(host.path(f"{AGENT_CONFIG_DIR}/agent.crt")),
+            "client-key": str(host.path(f"{AGENT_CONFIG_DIR}/agent.key"))})
+        print("(kubectl below uses the agent's own client certificate)", flush=True)
+        kubectl(kube, "auth", "whoami", kubeconfig=as_agent)
+        kubectl(kube, "auth", "can-i", "update", "machineoperations/reset-agent-worker-02", "--subresource=status",
+                kubeconfig=as_agent)
+        kubectl(kube, "auth", "can-i", "create", "machineoperations", kubeconfig=as_agent)
+        kubectl(kube, "patch", "mop", "reset-agent-worker-02", "--subresource=status", "--type=merge", "-p",
+                '{"status": {"phase": "Complete", "message": "AgentReset completed"}}', kubeconfig=as_agent)
+        kubectl(kube, "get", "mop", "reset-agent-worker-02")
 
         say("Building two releases with `make release`: 2.0.0, and 9.0.0 whose daemon crashes at start")
         good = releases.real_release(REPO, "2.0.0", work / "2.0.0")
@@ -122,6 +148,7 @@ def run(host, say) -> None:
         apply(kube, mop(f"upgrade-agent-{host.name}-crash", host.name, "AgentUpgrade", downloadURL=urls["crash"]))
         watch(kube, f"upgrade-agent-{host.name}-crash")
         kubectl(kube, "get", "mop", "-o", "wide")
+        kubectl(kube, "describe", "mop", f"upgrade-agent-{host.name}-crash")
         show(host, ["unbounded-agent", "version"])
         show(host, ["systemctl", "status", "--no-pager", "--lines=0", "unbounded-agent-daemon"])
 
@@ -138,6 +165,7 @@ def run(host, say) -> None:
         show(host, ["journalctl", "--no-pager", "-o", "cat", "-u", "unbounded-agent-dispatch", "--grep",
                     f"reset reset-agent-{host.name}"])
         kubectl(kube, "get", "mop")
+        kubectl(kube, "describe", "mop", f"reset-agent-{host.name}")
         agent = kube.agent_requests()
         print(f"(the agent sent {len(agent)} requests to the API server in this chapter)", flush=True)
     finally:

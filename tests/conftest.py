@@ -25,11 +25,30 @@ if str(SUPPORT_DIR) not in sys.path:
     sys.path.insert(0, str(SUPPORT_DIR))
 
 import testhost_tree  # noqa: E402
+from netwatch import OwnNamespaceWatch  # noqa: E402
 from testhost import TestHost, boot_testhost  # noqa: E402
 
 # Hosts booted by testhost_factory, in order; a failing test reports those it booted.
 _factory_hosts: list[TestHost] = []
 _FIRST_FACTORY_HOST = pytest.StashKey[int]()
+
+
+_own_namespace = OwnNamespaceWatch()
+
+
+def pytest_sessionstart(session):
+    _own_namespace.start()
+
+
+@pytest.fixture(autouse=True)
+def _test_traffic_stays_in_test_namespaces():
+    """No socket of the test run in the machine's own network namespace has a private-range address at either end
+    (netwatch.py): test servers live in namespaces the tests make. Checked for every test, over the whole
+    session (a module's fixtures count towards the test they ran for)."""
+    yield
+    found = _own_namespace.take()
+    assert not found, ("test traffic on a private-range address of the machine's own network namespace:\n"
+                       + "\n".join(found))
 
 
 def pytest_configure(config):

@@ -65,7 +65,7 @@ class Cluster:
 
     def agent_client(self) -> kubeclient.Kube:
         kube = kubeclient.build(self.cfg.kubeconfig)
-        kube.api.set_default_header("Impersonate-User", f"unbounded-agent-{self.machine}")
+        kube.api.set_default_header("Impersonate-User", f"unbounded-agent:{self.machine}")
         kube.api.set_default_header("Impersonate-Group", "unbounded-agent-daemons")
         return kube
 
@@ -166,7 +166,7 @@ def test_other_machines_operations_are_untouched(cluster):
     cluster.apply(marker, "NodeReboot")
     # the marker was created after the other operation: once it failed, the watcher is past the other one
     wait_for("the marker to fail", lambda: cluster.phase(marker) == "Failed")
-    assert not (cluster.get(other) or {}).get("status")
+    assert (cluster.get(other) or {}).get("status") in (None, {}, {"phase": "Pending"})  # at most the default
     assert not cluster.dispatcher.submitted(cluster.operation(other))
 
 

@@ -5,6 +5,7 @@ step fails ends Failed/ExecutionFailed naming the step, and the daemon keeps run
 while phase 1 runs does not start the reset twice."""
 
 import json
+import re
 
 import pytest
 from mop_host import KubeLink, daemon_state, journal_of, kill9_daemon, mop, unit_started_at, wait_until
@@ -47,7 +48,7 @@ def test_reset_completes_before_the_daemon_removes_itself(env, capsys):
     with kube.watch() as w:
         kube.apply(mop("reset-agent-1", host.name, "AgentReset"))
         w.wait_phase("reset-agent-1", "Complete", "Failed")
-    assert w.phases("reset-agent-1")[-3:] == ["Pending", "InProgress", "Complete"], w.lines
+    assert w.phases("reset-agent-1") == ["Pending", "InProgress", "Complete"], w.lines
     cond = kube.condition("reset-agent-1")
     assert (cond["status"], cond["reason"]) == ("True", "Succeeded")
     # the daemon goes: stopped and removed by the final steps
@@ -74,11 +75,16 @@ def test_reset_completes_before_the_daemon_removes_itself(env, capsys):
     assert not any(host.path(f"{OPS}/gates").iterdir())
     assert not host.path("/var/lib/unbounded-agent").exists()
     assert not host.path("/etc/unbounded/agent/config.yaml").exists()
-    events = kube.kubectl("describe", "mop", "reset-agent-1").stdout
-    assert "ResetStarted" in events and "ResetStep" in events
+    story = kube.kubectl("describe", "mop", "reset-agent-1").stdout
+    for reason in ("Accepted", "ResetStarted", "ResetStep", "Completed"):
+        assert f" {reason} " in story.partition("\nEvents:")[2]
+    assert re.search(r"Reason:\s+Succeeded\n", story) and re.search(r"Phase:\s+Complete\n", story)
+    events = story.partition("\nEvents:")[2]
+    assert events.index(" ResetStarted ") < events.index(" ResetStep ") < events.index(" Completed ")
     created = next(r.time for r in kube.server.requests if r.verb == "create" and r.resource == "machineoperations")
     started = unit_started_at(host, "unbounded-agent-reset-begin.service", after=created)
     with capsys.disabled():
+        print(f"\n$ kubectl describe mop reset-agent-1\n{story}")
         print(f"\nAgentReset: operation created → reset-begin unit starting: {1000 * (started - created):.0f} ms; "
               f"agent requests about it: {len(kube.agent_requests(name='reset-agent-1'))} status writes, "
               f"{len(kube.agent_requests(resource='events'))} events")
@@ -117,7 +123,7 @@ def test_daemon_killed_during_phase1_does_not_run_the_reset_twice(env):
     host.run(["rm", "-f", HOLD_FILE])
     wait_until("Complete", lambda: (kube.get("reset-agent-kill").get("status") or {}).get("phase") in
                ("Complete", "Failed"))
-    assert kube.get("reset-agent-kill")["status"]["phase"] == "Complete"
+    assert kube.get("reset-agent-kill")["status"]["phase"] == "Complete", kube.condition("reset-agent-kill")
     starts = journal_of(host, "unbounded-agent-reset-stop-machines.service").count("Starting unbounded-agent-reset")
     assert starts == 1
     assert journal_of(host).count("AgentReset reset-agent-kill accepted") == 1

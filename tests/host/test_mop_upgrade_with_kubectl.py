@@ -7,6 +7,7 @@ once. Each operation runs exactly once, and a status write the API server could 
 when it is back."""
 
 import json
+import re
 
 import pytest
 import releases
@@ -51,7 +52,14 @@ def record(host) -> dict:
     return json.loads(host.read("/var/lib/unbounded-agent/upgrade.json"))
 
 
-def test_good_upgrade_shows_pending_inprogress_complete(env, version):
+def describe(kube, name: str, *reasons: str) -> str:
+    """`kubectl describe mop NAME` once these Events are on the server: the whole story, conditions and Events."""
+    wait_until(f"the Events of {name}", lambda: all(f" {r} " in kube.kubectl("describe", "mop", name).stdout
+                                                    for r in reasons), timeout=60)
+    return kube.kubectl("describe", "mop", name).stdout
+
+
+def test_good_upgrade_shows_pending_inprogress_complete(env, version, capsys):
     host, kube = env
     assert version_on(host) == f"unbounded-agent {version}"
     url = host.urls["2.0.0"] + "?sig=topsecret"
@@ -59,7 +67,7 @@ def test_good_upgrade_shows_pending_inprogress_complete(env, version):
         print(kube.apply(mop("upgrade-agent-1", host.name, "AgentUpgrade", downloadURL=url)))
         w.wait_phase("upgrade-agent-1", "Complete", "Failed")
     assert w.header == ["NAME", "KIND", "MACHINE", "PHASE", "AGE"]
-    assert w.phases("upgrade-agent-1")[-3:] == ["Pending", "InProgress", "Complete"], w.lines
+    assert w.phases("upgrade-agent-1") == ["Pending", "InProgress", "Complete"], w.lines  # Pending from the start
     row = w.rows("upgrade-agent-1")[-1]
     assert (row["KIND"], row["MACHINE"]) == ("AgentUpgrade", host.name)
     cond = kube.condition("upgrade-agent-1")
@@ -83,24 +91,33 @@ def test_good_upgrade_shows_pending_inprogress_complete(env, version):
         return out.split()
     wait_until("the Completed Event", lambda: "Completed" in event_reasons(), timeout=30)
     assert {"Accepted", "UpgradeStarted", "UpgradePhase"} <= set(event_reasons())
-    assert "UpgradeStarted" in kube.kubectl("describe", "mop", "upgrade-agent-1").stdout  # kubectl describe finds them
+    story = describe(kube, "upgrade-agent-1", "Accepted", "UpgradeStarted", "UpgradePhase", "Completed")
+    assert re.search(r"Reason:\s+Succeeded\n", story) and re.search(r"Phase:\s+Complete\n", story)
+    events = story.partition("\nEvents:")[2]
+    assert events.index(" UpgradeStarted ") < events.index(" UpgradePhase ") < events.index(" Completed ")
+    with capsys.disabled():
+        print(f"\n$ kubectl describe mop upgrade-agent-1\n{story}")
     # the spec holds what the user wrote; nothing the agent wrote holds the query's secret
     events = kube.kubectl("get", "events", "-A", "-o", "json").stdout
     assert "topsecret" not in events + json.dumps(kube.get("upgrade-agent-1")["status"]) + journal_of(host)
 
 
-def test_crashing_release_fails_with_daemon_failed_and_keeps_the_good_version(env):
+def test_crashing_release_fails_with_daemon_failed_and_keeps_the_good_version(env, capsys):
     host, kube = env
     with kube.watch() as w:
         kube.apply(mop("upgrade-agent-crash", host.name, "AgentUpgrade", downloadURL=host.urls["crash"]))
         w.wait_phase("upgrade-agent-crash", "Complete", "Failed")
-    assert w.phases("upgrade-agent-crash")[-3:] == ["Pending", "InProgress", "Failed"], w.lines
+    assert w.phases("upgrade-agent-crash") == ["Pending", "InProgress", "Failed"], w.lines
     cond = kube.condition("upgrade-agent-crash")
     assert (cond["status"], cond["reason"]) == ("False", "DaemonFailed")
     assert "rolled back to 2.0.0" in cond["message"] and "exit code 3" in cond["message"]
     assert version_on(host) == "unbounded-agent 2.0.0" and daemon_state(host)["ActiveState"] == "active"
     out = kube.kubectl("get", "mop", "upgrade-agent-crash", "-o", "wide").stdout
     assert "DaemonFailed" in out
+    story = describe(kube, "upgrade-agent-crash", "Accepted", "UpgradeStarted", "DaemonFailed")
+    assert re.search(r"Reason:\s+DaemonFailed\n", story) and re.search(r"Warning\s+DaemonFailed", story)
+    with capsys.disabled():
+        print(f"\n$ kubectl describe mop upgrade-agent-crash\n{story}")
 
 
 def test_invalid_url_fails_at_once(env):
@@ -122,7 +139,7 @@ def test_another_machines_operation_is_never_touched(env):
     kube.apply(mop("marker", host.name, "NodeReboot"))  # handled after the two above were seen
     wait_until("the marker to fail", lambda: (kube.get("marker").get("status") or {}).get("phase") == "Failed")
     for name in ("upgrade-elsewhere", "reset-elsewhere"):
-        assert not kube.get(name).get("status")
+        assert kube.get(name)["status"] == {"phase": "Pending"}  # the CRD's default only
         assert not kube.agent_requests(name=name)
 
 

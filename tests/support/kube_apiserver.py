@@ -25,16 +25,22 @@ behaviour of a real server (Kubernetes 1.32 by default), not of a mock:
 - server-side Tables (Accept: application/json;as=Table;g=meta.k8s.io;v=v1) from additionalPrinterColumns
   on get, list and watch;
 - Events in both APIs (core v1 and events.k8s.io/v1, one store) with the real validation;
-- authentication by bearer token, RBAC from the ClusterRoles/ClusterRoleBindings stored in the server
+- authentication by bearer token (rotate_token, revoke_token) and, over TLS, by client certificate (CN is the
+  user, each O a group, as kube-apiserver's x509 authenticator; issue_client_cert, revoke_client_cert: a
+  revoked one is 401 Unauthorized), RBAC from the ClusterRoles/ClusterRoleBindings stored in the server
   (kubectl apply -f rbac.yaml), impersonation, SelfSubjectAccessReview (kubectl auth can-i);
-- test hooks: pause()/resume() (refuse connections or answer 503), compact() (expire old resourceVersions),
-  a request log (server.requests, server.count(...)).
+- CEL (kube_admission.py, with cel-python): the x-kubernetes-validations rules of CRD schemas, and
+  ValidatingAdmissionPolicies with their bindings (admissionregistration.k8s.io/v1), applied with kubectl;
+- test hooks: pause()/resume() (refuse connections or answer 503), partition(match) (the connections of the
+  clients match() picks are dropped unanswered, watches included, while the others are served), compact()
+  (expire old resourceVersions), a request log (server.requests, server.count(...)); start_apiserver(netns=)
+  listens inside another network namespace (testnet.py).
 
 Without TLS, a request without credentials is "system:unsecured", a cluster admin, as on the old insecure
 port: kubectl sends credentials only over TLS (start_apiserver(tls=True) to meet RBAC with kubectl).
 
-Not served: protobuf (but for the access reviews of kubectl auth can-i), server-side apply, managedFields, CEL
-validation rules, Pods and the other built-in types (only events, namespaces, RBAC and CRDs), aggregated API
+Not served: protobuf (but for the access reviews of kubectl auth can-i), server-side apply, managedFields,
+Pods and the other built-in types (only events, namespaces, RBAC and CRDs), aggregated API
 servers, /openapi/v2 (so kubectl 1.27 and 1.28, which validate on the client with it, need --validate=false).
 
     server = start_apiserver()               # http://127.0.0.1:<free port>, CRDs from packaging/kubernetes
@@ -73,6 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kube_admission
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -382,8 +389,26 @@ def prune(schema: dict | None, value: Any, path: str, unknown: list[str]) -> Any
             continue
         out[key] = prune(sub, v, sub_path, unknown)
     for key, sub in (props or {}).items():
+        if key not in out and "default" in sub:  # and the defaults inside the default, as the real server
+            out[key] = prune(sub, copy.deepcopy(sub["default"]), f"{path}.{key}" if path else key, [])
+    return out
+
+
+def apply_defaults(schema: dict | None, value: Any) -> Any:
+    """Structural defaults of what is missing (nothing pruned): what the real server does on every read from
+    storage, so that objects stored before a default was added show it too."""
+    if schema is None:
+        return value
+    if isinstance(value, list):
+        items = schema.get("items")
+        return [apply_defaults(items, v) for v in value] if items else value
+    if not isinstance(value, dict):
+        return value
+    props = schema.get("properties") or {}
+    out = {k: apply_defaults(props.get(k), v) for k, v in value.items()}
+    for key, sub in props.items():
         if key not in out and "default" in sub:
-            out[key] = copy.deepcopy(sub["default"])
+            out[key] = apply_defaults(sub, copy.deepcopy(sub["default"]))
     return out
 
 
@@ -629,6 +654,10 @@ def parse_label_selector(text: str) -> list[tuple[str, str, list[str]]]:
 
 
 def labels_match(reqs: list[tuple[str, str, list[str]]], labels: dict) -> bool:
+    return labels_match_(reqs, labels)
+
+
+def labels_match_(reqs: list[tuple[str, str, list[str]]], labels: dict) -> bool:
     for key, op, values in reqs:
         present, value = key in labels, labels.get(key)
         ok = {"=": present and value == values[0], "!=": not present or value != values[0],
@@ -986,6 +1015,7 @@ CRD_SCHEMA = _obj({**TYPE_META, "spec": {"type": "object", "x-kubernetes-preserv
                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}, required=["spec"])
 SSAR_SCHEMA = _obj({**TYPE_META, "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
                     "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+POLICY_SCHEMA = SSAR_SCHEMA
 
 # events.k8s.io/v1 <-> core/v1 field names (the registry stores the core form)
 EVENT_FIELD_MAP = {"regarding": "involvedObject", "note": "message", "reportingController": "reportingComponent",
@@ -1140,7 +1170,55 @@ def builtin_types() -> list[RType]:
                  "SelfSubjectAccessReview", False, "selfsubjectaccessreviews", SSAR_SCHEMA, verbs=["create"])
     ssr = RType("authentication.k8s.io", "v1", "selfsubjectreviews", "selfsubjectreview", "SelfSubjectReview",
                 False, "selfsubjectreviews", SSAR_SCHEMA, verbs=["create"])
-    return [core_event, v1_event, namespace, crd, role, binding, ssar, ssr]
+    policy = RType("admissionregistration.k8s.io", "v1", "validatingadmissionpolicies", "validatingadmissionpolicy",
+                   "ValidatingAdmissionPolicy", False, "validatingadmissionpolicies", POLICY_SCHEMA,
+                   "ValidatingAdmissionPolicyList", status=True, generation=True,
+                   columns=[name_column(), Column("Validations", "integer", lambda o: len(
+                       (o.get("spec") or {}).get("validations") or [])), age_column()],
+                   check=lambda o, old: check_policy(o))
+    policy_binding = RType("admissionregistration.k8s.io", "v1", "validatingadmissionpolicybindings",
+                           "validatingadmissionpolicybinding", "ValidatingAdmissionPolicyBinding", False,
+                           "validatingadmissionpolicybindings", POLICY_SCHEMA, "ValidatingAdmissionPolicyBindingList",
+                           generation=True,
+                           columns=[name_column(), Column("PolicyName", "string", lambda o: (o.get("spec") or {})
+                                                          .get("policyName", "")),
+                                    Column("ParamRef", "string", lambda o: "<unset>"), age_column()],
+                           check=lambda o, old: check_policy_binding(o))
+    return [core_event, v1_event, namespace, crd, role, binding, ssar, ssr, policy, policy_binding]
+
+
+def check_policy(obj: dict) -> list[FieldError]:
+    """What the real server checks of a policy that matters here: its expressions compile."""
+    spec = obj.get("spec") or {}
+    errors = []
+    if not (spec.get("matchConstraints") or {}).get("resourceRules"):
+        errors.append(FieldError("Required", "spec.matchConstraints.resourceRules"))
+    if spec.get("paramKind"):
+        errors.append(FieldError("Forbidden", "spec.paramKind", "not supported by this test server"))
+    for section in ("matchConditions", "variables", "validations"):
+        for i, item in enumerate(spec.get(section) or []):
+            for key in ("expression", "messageExpression"):
+                if key in item:
+                    try:
+                        kube_admission._program(item[key])
+                    except kube_admission.CelError as e:
+                        errors.append(FieldError("Invalid", f"spec.{section}[{i}].{key}", str(e), item[key]))
+    return errors
+
+
+def check_policy_binding(obj: dict) -> list[FieldError]:
+    spec = obj.get("spec") or {}
+    errors = []
+    if not spec.get("policyName"):
+        errors.append(FieldError("Required", "spec.policyName"))
+    actions = spec.get("validationActions") or []
+    if not actions:
+        errors.append(FieldError("Required", "spec.validationActions"))
+    for i, a in enumerate(actions):
+        if a not in ("Deny", "Warn", "Audit"):
+            errors.append(FieldError("NotSupported", f"spec.validationActions[{i}]",
+                                     'supported values: "Audit", "Deny", "Warn"', a))
+    return errors
 
 
 DEFAULT_RBAC = [
@@ -1253,6 +1331,10 @@ class TestApiServer:
         self.tokens: dict[str, User] = {}
         self.requests: list[Request] = []
         self.paused: str | None = None  # None, "refuse" or "503"
+        self.cut_off: Callable[[Any], bool] | None = None  # partition(): whose connections are dropped
+        self.revoked_serials: set[str] = set()  # client certificates no longer taken
+        self.netns: str | None = None  # the network namespace the listener is made in (None: this one)
+        self._ctx = threading.local()  # the request being handled: its user (for admission)
         self.epoch = 0  # bumped by pause(): streams of an earlier epoch end
         self.stopping = False
         self.builtins = builtin_types()
@@ -1305,6 +1387,9 @@ class TestApiServer:
 
     def _out(self, rt: RType, stored: dict) -> dict:
         obj = copy.deepcopy(stored)
+        if rt.custom and rt.schema:
+            body = apply_defaults(rt.schema, {k: v for k, v in obj.items() if k != "metadata"})
+            obj = {**{k: obj["metadata"] if k == "metadata" else body[k] for k in obj}, **body}
         if rt.from_storage:
             obj = rt.from_storage(obj)
         obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
@@ -1379,6 +1464,10 @@ class TestApiServer:
                                          f"no new finalizers can be added if the object is being deleted, found new "
                                          f"finalizers []string{{{', '.join(json.dumps(f) for f in new_finalizers)}}}"))
         validate(schema, body, "", errors)
+        if rt.custom and not errors:  # CEL rules run on a valid object only, as in the real server
+            old_body = {k: v for k, v in (old or {}).items() if k not in ("apiVersion", "kind", "metadata")}
+            for f in kube_admission.crd_rule_failures(schema, body, old_body if old is not None else None):
+                errors.append(FieldError(f.type, f.path, f.detail, f.value if f.type != "Forbidden" else None))
         if rt.check:
             stored_new = rt.to_storage(obj) if rt.to_storage else obj
             errors += rt.check(stored_new, old)
@@ -1491,6 +1580,7 @@ class TestApiServer:
         if rt.custom and rt.status:
             obj.pop("status", None)  # create cannot set the status of a resource with a status subresource
         warnings = self._admit(rt, obj, None, params, name)
+        warnings += self._policies(rt, "CREATE", obj, None, obj["metadata"].get("name", ""), ns, "", params)
         meta = obj["metadata"]
         if self._key(rt, ns, meta["name"]) in self._store(rt):
             raise already_exists(rt, meta["name"])
@@ -1566,6 +1656,7 @@ class TestApiServer:
         merged["metadata"].pop("selfLink", None)
         merged["metadata"].pop("managedFields", None)
         warnings = self._admit(rt, merged, stored_old, params, name)
+        warnings += self._policies(rt, "UPDATE", merged, old, name, ns, subresource, params)
         if rt.plural == "customresourcedefinitions":
             self._crd_defaults(merged, stored_old)
         if rt.generation and self._spec_of(rt, merged) != self._spec_of(rt, old):
@@ -1638,6 +1729,7 @@ class TestApiServer:
                                      f"{pre['resourceVersion']}, ResourceVersion in object meta: "
                                      f"{stored['metadata']['resourceVersion']}")
         dry = bool(params.get("dryRun") or (options or {}).get("dryRun"))
+        self._policies(rt, "DELETE", None, self._out(rt, stored), name, ns, "", params)
         if stored["metadata"].get("finalizers"):
             if stored["metadata"].get("deletionTimestamp") or dry:
                 return 200, self._out(rt, stored)
@@ -1657,6 +1749,37 @@ class TestApiServer:
             return 200, self._out(rt, stored)
         return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                      "details": {**_gr_details(rt, name), "uid": stored["metadata"]["uid"]}}
+
+    def _policies(self, rt: RType, operation: str, obj: dict | None, old: dict | None, name: str, ns: str | None,
+                  subresource: str, params: dict) -> list[str]:
+        """ValidatingAdmissionPolicy admission (kube_admission.py) of a client's request: a denial is raised as
+        the real server words it; returns the warnings of Warn bindings. Not for the server's own setup."""
+        user = getattr(self._ctx, "user", None)
+        if user is None:
+            return []
+        policies = list(self.objects.get("validatingadmissionpolicies", {}).values())
+        bindings = list(self.objects.get("validatingadmissionpolicybindings", {}).values())
+        if not policies or not bindings:
+            return []
+        attrs = kube_admission.Attributes(
+            operation, rt.group, rt.version, rt.plural, subresource, rt.kind, name, ns or "",
+            copy.deepcopy(obj) if obj is not None else None, copy.deepcopy(old) if old is not None else None,
+            user.name, user.groups, bool(params.get("dryRun")))
+
+        def labels_match(selector: dict, labels: dict) -> bool:
+            reqs = [(k, "=", [v]) for k, v in (selector.get("matchLabels") or {}).items()]
+            ops = {"In": "in", "NotIn": "notin", "Exists": "exists", "DoesNotExist": "!"}
+            reqs += [(e["key"], ops[e["operator"]], e.get("values") or []) for e in selector.get("matchExpressions") or []]
+            return labels_match_(reqs, labels)
+
+        try:
+            return kube_admission.admit(policies, bindings, attrs, labels_match)
+        except kube_admission.Denial as d:
+            message = f"ValidatingAdmissionPolicy '{d.policy}' with binding '{d.binding}' denied request: {d.message}"
+            code = {"Forbidden": 403, "Unauthorized": 401, "RequestEntityTooLarge": 413}.get(d.reason, 422)
+            raise ApiError(code, d.reason, f'{rt.gr} "{name}" is forbidden: {message}',
+                           {"name": name, "group": rt.group, "kind": rt.plural, "causes": [{"message": message}]}) \
+                from None
 
     # ----- selection
 
@@ -1777,9 +1900,67 @@ class TestApiServer:
         self.tokens[token] = User(name, list(groups))
         return token
 
-    def _authenticate(self, headers) -> User:
+    def revoke_token(self, token: str) -> None:
+        """The token is no longer accepted: 401 Unauthorized."""
+        self.tokens.pop(token, None)
+
+    def rotate_token(self, token: str) -> str:
+        """A new token for the same user and groups; the old one is revoked. Returns the new one."""
+        user = self.tokens[token]
+        new = self.add_user(user.name, [g for g in user.groups if g != "system:authenticated"])
+        self.revoke_token(token)
+        return new
+
+    def issue_client_cert(self, directory: str | os.PathLike, user: str, groups=(), name: str | None = None
+                          ) -> tuple[str, str, str]:
+        """A client certificate of the server's client CA (TLS only): CN=user, one O per group. Returns the paths
+        of the certificate and its key, and its serial number (for revoke_client_cert)."""
+        if not self._tls_dir:
+            raise RuntimeError("client certificates need a TLS server (start_apiserver(tls=True))")
+        base = Path(directory) / (name or user.replace(":", "-"))
+        serial = uuid.uuid4().hex[:16].upper()
+        subj = "".join(f"/O={g}" for g in groups) + f"/CN={user}"
+        ca = Path(self._tls_dir)
+        subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-subj", subj, "-keyout", f"{base}.key", "-out", f"{base}.csr"],
+                       check=True, capture_output=True)
+        ext = Path(f"{base}.ext")
+        ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                       "extendedKeyUsage=clientAuth\n")
+        subprocess.run(["openssl", "x509", "-req", "-in", f"{base}.csr", "-CA", str(ca / "client-ca.crt"),
+                        "-CAkey", str(ca / "client-ca.key"), "-set_serial", f"0x{serial}", "-days", "7",
+                        "-extfile", str(ext), "-out", f"{base}.crt"], check=True, capture_output=True)
+        os.chmod(f"{base}.key", 0o600)
+        return f"{base}.crt", f"{base}.key", serial
+
+    def revoke_client_cert(self, serial: str) -> None:
+        """The certificate is no longer accepted (kube-apiserver has no revocation list: this stands for
+        rotating what it trusts): its requests get 401 Unauthorized."""
+        self.revoked_serials.add(serial.upper().lstrip("0"))
+
+    def _peer_user(self, h) -> User | None:
+        """The user of a verified client certificate (CN, and O as groups), None without one; 401 when revoked."""
+        conn = getattr(h, "connection", None)
+        if not isinstance(conn, ssl.SSLSocket):
+            return None
+        cert = conn.getpeercert()
+        if not cert:
+            return None
+        if cert.get("serialNumber", "").upper().lstrip("0") in self.revoked_serials:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        fields = [pair for rdn in cert.get("subject", ()) for pair in rdn]
+        cn = next((v for k, v in fields if k == "commonName"), "")
+        if not cn:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        return User(cn, [v for k, v in fields if k == "organizationName"])
+
+    def _authenticate(self, h) -> User:
+        headers = h.headers
         auth = headers.get("Authorization", "")
-        if not auth:
+        x509 = self._peer_user(h)
+        if x509 is not None:  # kube-apiserver tries the client certificate first
+            user = x509
+        elif not auth:
             # kubectl sends credentials only over TLS. Without TLS this server acts as the old insecure port did:
             # a request without credentials is "system:unsecured", a cluster admin.
             user = ANONYMOUS if self.tls else UNSECURED
@@ -1800,6 +1981,9 @@ class TestApiServer:
     # ----- requests
 
     def handle(self, h: _Handler) -> None:
+        if self.cut_off is not None and self.cut_off(h.headers):
+            self._drop(h)
+            return
         url = urllib.parse.urlsplit(h.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
         entry = Request(time.time(), h.command, url.path, query, h.command.lower(), "", "", "", 0, "",
@@ -1810,9 +1994,13 @@ class TestApiServer:
             body = h.read_body()
             if self.paused == "503":
                 raise ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request")
-            user = self._authenticate(h.headers)
+            user = self._authenticate(h)
             entry.user = user.name
-            self._route(h, entry, user, url.path, query, body)
+            self._ctx.user = user
+            try:
+                self._route(h, entry, user, url.path, query, body)
+            finally:
+                self._ctx.user = None
         except ApiError as e:
             entry.code = e.code
             h.send_json(e.code, e.status())
@@ -2079,6 +2267,9 @@ class TestApiServer:
                 return
             last_sent = time.monotonic()
             while True:
+                if self.cut_off is not None and self.cut_off(h.headers):
+                    self._drop(h)
+                    return
                 with self.lock:
                     if self.stopping or self.epoch != epoch:
                         h.close_connection = True
@@ -2091,6 +2282,9 @@ class TestApiServer:
                         self.changed.wait(max(0.0, min(0.5, wake - time.monotonic())))
                         events = self._events_after(pos)
                     latest = self.rv
+                if self.cut_off is not None and self.cut_off(h.headers):  # cut off while it waited
+                    self._drop(h)
+                    return
                 for e in events:
                     pos = e.rv
                     if e.store != rt.store:
@@ -2170,7 +2364,8 @@ class TestApiServer:
 
     def _groups(self) -> dict[str, list[str]]:
         """Named groups, built-ins first, versions preferred first."""
-        order = ["apiextensions.k8s.io", "authentication.k8s.io", "authorization.k8s.io", "rbac.authorization.k8s.io",
+        order = ["admissionregistration.k8s.io", "apiextensions.k8s.io", "authentication.k8s.io",
+                 "authorization.k8s.io", "rbac.authorization.k8s.io",
                  "events.k8s.io"]
         groups: dict[str, set] = {}
         for g, v, _ in self.types:
@@ -2319,7 +2514,16 @@ class TestApiServer:
 
     def _listen(self) -> None:
         cls = _HTTPServer6 if ":" in self.host else _HTTPServer
-        self.http = cls((self.host, self.port), self, self.tls)
+
+        def make():
+            return cls((self.host, self.port), self, self.tls)
+
+        if self.netns:
+            from testnet import in_netns
+
+            self.http = in_netns(self.netns, make)  # the socket belongs to that namespace, served from here
+        else:
+            self.http = make()
         self.port = self.http.server_address[1]
         threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
                          name=f"kube-apiserver:{self.port}").start()
@@ -2334,6 +2538,23 @@ class TestApiServer:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    @staticmethod
+    def _drop(h) -> None:
+        """Close a connection without a word, as a network that stopped carrying it would look at its end."""
+        h.close_connection = True
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def partition(self, match: Callable[[Any], bool] | None) -> None:
+        """Cut off the clients whose request headers match(headers) says (None: heal): their requests and open
+        watches are dropped unanswered, while everyone else is served. E.g. the agent (its User-Agent) loses
+        the server while kubectl still reaches it."""
+        with self.lock:
+            self.cut_off = match
+            self.changed.notify_all()
 
     def pause(self, seconds: float | None = None, mode: str = "refuse") -> None:
         """Make the server unavailable: mode "refuse" closes the port (connection refused) and drops every open
@@ -2380,15 +2601,19 @@ class TestApiServer:
     # ----- clients
 
     def kubeconfig(self, path: str | os.PathLike, user: str = "admin", groups=("system:masters",),
-                   server_url: str | None = None) -> str:
-        """Write a kubeconfig for a user in these groups (a new bearer token); cluster-admin by default."""
-        token = self.add_user(user, groups)
+                   server_url: str | None = None, credential: dict | None = None) -> str:
+        """Write a kubeconfig for a user in these groups (a new bearer token); cluster-admin by default.
+
+        credential: the kubeconfig user entry to write instead (then user and groups only name it), e.g.
+        {"client-certificate": crt, "client-key": key} from issue_client_cert, {"tokenFile": path}, or
+        {"exec": {...}} for an exec credential plugin."""
+        user_entry = credential if credential is not None else {"token": self.add_user(user, groups)}
         cluster = {"server": server_url or self.url}
         if self.tls:
             cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem.encode()).decode()
         config = {"apiVersion": "v1", "kind": "Config", "preferences": {},
                   "clusters": [{"name": "test", "cluster": cluster}],
-                  "users": [{"name": user, "user": {"token": token}}],
+                  "users": [{"name": user, "user": user_entry}],
                   "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
                   "current-context": "test"}
         Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -2425,8 +2650,18 @@ class TestApiServer:
                         "subjectAltName=" + ",".join(dict.fromkeys(sans)), "-keyout", key, "-out", cert],
                        check=True, capture_output=True)
         self.ca_pem = Path(cert).read_text()
+        # The CA of client certificates (issue_client_cert): asked for, not required, as kube-apiserver's
+        # --client-ca-file; a request without one authenticates otherwise.
+        client_ca = os.path.join(self._tls_dir, "client-ca")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "7", "-subj", "/CN=kube-apiserver-test client CA",
+                        "-addext", "basicConstraints=critical,CA:TRUE",
+                        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                        "-keyout", f"{client_ca}.key", "-out", f"{client_ca}.crt"], check=True, capture_output=True)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
+        ctx.load_verify_locations(f"{client_ca}.crt")
+        ctx.verify_mode = ssl.CERT_OPTIONAL
         return ctx
 
 
@@ -2616,17 +2851,19 @@ def load_yaml_documents(*paths) -> list[dict]:
 
 def start_apiserver(host: str = "127.0.0.1", port: int = 0, tls: bool = False, crds=DEFAULT_CRDS,
                     machines: bool = True, preload=(), version: str = DEFAULT_VERSION, tls_names=(),
-                    **tunables) -> TestApiServer:
+                    netns: str | None = None, **tunables) -> TestApiServer:
     """Start a server in background threads; returns it running (server.url, server.kubeconfig(path), ...).
 
     crds: CRD YAML files served from the start (the project's own by default); machines: also serve a stand-in
     Machine CRD; preload: YAML files of objects that exist from the start (e.g. packaging/kubernetes/rbac.yaml,
-    as `kubectl apply -f` would make them). tls_names: more names or addresses for the certificate. version: the Kubernetes version to claim and emulate (before 1.31, selectableFields are
+    as `kubectl apply -f` would make them). tls_names: more names or addresses for the certificate. netns: the
+    path of a network namespace (/proc/<pid>/ns/net) to listen in, e.g. a test network's (testnet.py); the
+    server still runs in this process. version: the Kubernetes version to claim and emulate (before 1.31, selectableFields are
     ignored, as on a real 1.30 server). tunables: history_limit (watch window, in events), bookmark_interval
     (seconds; the real server sends one about every minute), min_request_timeout (watch length without
     timeoutSeconds; the real default is 1800 s)."""
     server = TestApiServer(crds=crds, machines=machines, preload=preload, version=version, **tunables)
-    server.host, server.port = host, port
+    server.host, server.port, server.netns = host, port, netns
     if tls:
         server.tls = server._make_tls([host, *tls_names] if host not in ("0.0.0.0", "::", "") else list(tls_names))
     server._listen()

@@ -1,15 +1,20 @@
 """MachineOperations end to end: a test host whose agent daemon (from the .deb) talks to the test API server,
-and kubectl driving it from outside, as a user would.
+and kubectl driving it from the test network, as a user would.
 
-    kube = KubeLink.start(host)        # veth pair into the host, API server (HTTPS) on the outer end
-    kube.configure_agent(host)         # agent kubeconfig (RBAC group unbounded-agent-daemons) + config, restart
+    kube = KubeLink.start(host)        # a test network (testnet.py) with the host plugged in; the API server
+                                       # (HTTPS) in it, with the CRD, RBAC and the per-machine admission policy
+    kube.configure_agent(host)         # the agent's client certificate (CN=unbounded-agent:<host>,
+                                       # O=unbounded-agent-daemons), kubeconfig and config; daemon restarted
     with kube.watch() as w:            # `kubectl get mop -w`, started before anything is applied
-        kube.apply(upgrade_op("up-1", host.name, url))
+        kube.apply(mop("up-1", host.name, "AgentUpgrade", downloadURL=url))
         w.wait_phase("up-1", "Complete")
-    w.phases("up-1")                   # ["<none>", "Pending", "InProgress", "Complete"] as kubectl printed them
+    w.phases("up-1")                   # ["Pending", "InProgress", "Complete"] as kubectl printed them
+    kube.cut(host); kube.mend(host)    # the host loses the API server (kubectl still reaches it), and gets it back
 
-The test host has a private network namespace with only `lo`; a veth pair gives it one link to the
-outside, where the API server runs in the test process (so tests can pause it and count its requests).
+The test host has a private network namespace with only `lo`; a veth pair gives it one link to a network
+namespace of the tests' own, where the API server listens (it runs in the test process, so tests can pause it,
+partition it and count its requests) and where kubectl runs (nsenter --net). None of this traffic passes
+through the machine's own network namespace.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import yaml
 from kube_apiserver import start_apiserver
+from testnet import TestNet
 from waiting import wait_until  # noqa: F401 (re-exported to the mop tests)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +37,8 @@ KUBECTL = "/usr/bin/kubectl"
 AGENT_CONFIG_DIR = "/etc/unbounded/agent"
 DAEMON = "unbounded-agent-daemon.service"
 AGENT_USER_AGENT = "unbounded-agent/"
+AGENT_GROUP = "unbounded-agent-daemons"
+MANIFESTS = REPO / "packaging" / "kubernetes"
 # Short upgrade bounds (as upgrade_host.TEST_CONFIG) so a failing daemon is caught in seconds.
 AGENT_CONFIG = """\
 kubeconfig: /etc/unbounded/agent/kubeconfig
@@ -43,52 +51,54 @@ maxExtractedBytes: 16777216
 
 
 class KubeLink:
-    """The API server outside the host and the link to it."""
+    """The API server in the test network, and the host's link to it."""
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
+        self.net: TestNet | None = None
         self.server = None
-        self.outer = ""
-        self.outer_ip = ""
         self.admin_kubeconfig = ""
+        self.agent_certs: dict[str, str] = {}  # host name -> the serial of its current client certificate
 
     @classmethod
-    def start(cls, host, workdir: Path | None = None) -> KubeLink:
+    def start(cls, host, workdir: Path | None = None, policy: bool = True) -> KubeLink:
         link = cls(workdir or host.workdir)
-        link._connect(host)
-        link.server = start_apiserver(host=link.outer_ip, tls=True)
-        link.admin_kubeconfig = link.server.kubeconfig(link.workdir / "admin.kubeconfig")
-        link.kubectl("apply", "-f", str(REPO / "packaging" / "kubernetes" / "rbac.yaml"))
+        link.net = TestNet.start()
+        try:
+            link.net.plug(host)
+            link.server = start_apiserver(host=link.net.gateway, tls=True, netns=link.net.ns)
+            link.admin_kubeconfig = link.server.kubeconfig(link.workdir / "admin.kubeconfig")
+            link.kubectl("apply", "-f", str(MANIFESTS / "rbac.yaml"))
+            if policy:
+                link.kubectl("apply", "-f", str(MANIFESTS / "admission-policy.yaml"))
+        except BaseException:
+            link.stop()
+            raise
         return link
-
-    def _connect(self, host) -> None:
-        for _ in range(20):
-            a, b = random.randint(200, 254), random.randrange(0, 256, 4)
-            self.outer = f"vk{random.getrandbits(24):06x}"
-            self.outer_ip, inner_ip = f"10.{a}.{b}.1", f"10.{a}.{b}.2"
-            r = subprocess.run(["ip", "-o", "addr", "show", "to", f"10.{a}.{b}.0/30"], capture_output=True, text=True)
-            if r.stdout.strip():
-                continue  # a parallel session uses this subnet
-            subprocess.run(["ip", "link", "add", self.outer, "type", "veth", "peer", "name", "kube0", "netns",
-                            str(host.init_pid)], check=True, capture_output=True)
-            subprocess.run(["ip", "addr", "add", f"{self.outer_ip}/30", "dev", self.outer], check=True)
-            subprocess.run(["ip", "link", "set", self.outer, "up"], check=True)
-            host.run(["ip", "addr", "add", f"{inner_ip}/30", "dev", "kube0"])
-            host.run(["ip", "link", "set", "kube0", "up"])
-            return
-        raise RuntimeError("no free 10.x.y.0/30 subnet for the API server link")
 
     def stop(self) -> None:
         if self.server:
             self.server.stop()
-        subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
+        if self.net:
+            self.net.stop()
+
+    def cut(self, host) -> None:
+        """The host loses the API server (its link goes dead); kubectl, in the test network, still reaches it."""
+        self.net.cut(host)
+
+    def mend(self, host) -> None:
+        self.net.mend(host)
 
     # -- the agent's side ------------------------------------------------------------------------
 
     def configure_agent(self, host, config: str = AGENT_CONFIG, restart: bool = True) -> None:
-        """The agent's credential (group unbounded-agent-daemons: packaging/kubernetes/rbac.yaml) and config."""
-        kc = self.server.kubeconfig(self.workdir / f"agent-{host.name}.kubeconfig", user=f"agent-{host.name}",
-                                    groups=("unbounded-agent-daemons",))
+        """The agent's credential — a client certificate for the user unbounded-agent:<host> in the group
+        unbounded-agent-daemons (packaging/kubernetes/rbac.yaml, admission-policy.yaml) — a kubeconfig naming
+        its files, and the agent's config."""
+        self.install_agent_cert(host)
+        kc = self.server.kubeconfig(self.workdir / f"agent-{host.name}.kubeconfig", user=agent_user(host),
+                                    credential={"client-certificate": f"{AGENT_CONFIG_DIR}/agent.crt",
+                                                "client-key": f"{AGENT_CONFIG_DIR}/agent.key"})
         host.put(kc, f"{AGENT_CONFIG_DIR}/kubeconfig", mode=0o600)
         host.write(f"{AGENT_CONFIG_DIR}/config.yaml", config)
         if restart:
@@ -108,16 +118,36 @@ class KubeLink:
                     check=False).stdout)
             wait_until("the agent's first list", lambda: self.agent_requests(verb="list"), timeout=60)
 
+    def install_agent_cert(self, host) -> str:
+        """A new client certificate for the host's agent, put in place as a rotation tool would (new files renamed
+        over the old ones); returns its serial. The old one stays valid until revoke_agent_cert."""
+        crt, key, serial = self.server.issue_client_cert(self.workdir, agent_user(host), [AGENT_GROUP],
+                                                         name=f"{host.name}-{len(self.agent_certs)}-{serial_hint()}")
+        for src, dest in ((crt, "agent.crt"), (key, "agent.key")):
+            host.put(src, f"{AGENT_CONFIG_DIR}/.{dest}.new", mode=0o600)
+            host.path(f"{AGENT_CONFIG_DIR}/.{dest}.new").rename(host.path(f"{AGENT_CONFIG_DIR}/{dest}"))
+        self.agent_certs[host.name] = serial
+        return serial
+
+    def revoke_agent_cert(self, serial: str) -> None:
+        self.server.revoke_client_cert(serial)
+
     def agent_requests(self, **kw) -> list:
         return self.server.find_requests(user_agent=AGENT_USER_AGENT, **kw)
 
-    # -- kubectl -----------------------------------------------------------------------------------
+    # -- kubectl (in the test network) ---------------------------------------------------------------
 
-    def env(self) -> dict:
-        return dict(os.environ, KUBECONFIG=self.admin_kubeconfig)
+    def env(self, kubeconfig: str | None = None) -> dict:
+        return dict(os.environ, KUBECONFIG=kubeconfig or self.admin_kubeconfig)
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        r = subprocess.run([KUBECTL, *args], env=self.env(), capture_output=True, text=True, timeout=timeout)
+    def command(self, *args: str) -> list[str]:
+        """kubectl args, as a command line that runs in the test network."""
+        return self.net.command([KUBECTL, *args])
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 60, kubeconfig: str | None = None,
+                stdin: str | None = None) -> subprocess.CompletedProcess:
+        r = subprocess.run(self.command(*args), env=self.env(kubeconfig), capture_output=True, text=True,
+                           timeout=timeout, input=stdin)
         if check and r.returncode:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({r.returncode}): {r.stderr}")
         return r
@@ -146,7 +176,7 @@ class KubectlWatch:
     """`kubectl get mop [NAME] -w`: each printed line, as a user sees it, parsed by its header."""
 
     def __init__(self, link: KubeLink, name: str | None):
-        self.args = [KUBECTL, "get", "mop", *([name] if name else []), "-w"]
+        self.args = link.command("get", "mop", *([name] if name else []), "-w")
         self.env = link.env()
         self.lines: list[str] = []
         self.q: queue.Queue = queue.Queue()
@@ -191,6 +221,16 @@ class KubectlWatch:
     def wait_phase(self, name: str, *phases: str, timeout: float = 240) -> str:
         return wait_until(f"kubectl to show {name} {' or '.join(phases)}",
                           lambda: next((p for p in self.phases(name) if p in phases), None), timeout=timeout)
+
+
+def agent_user(host) -> str:
+    """The identity convention (packaging/kubernetes/admission-policy.yaml): the agent of machine M is
+    unbounded-agent:M."""
+    return f"unbounded-agent:{host.name}"
+
+
+def serial_hint() -> str:
+    return f"{random.getrandbits(24):06x}"
 
 
 def mop(name: str, machine: str, kind: str, ttl: int | None = None, **params) -> dict:

@@ -36,7 +36,8 @@ from unbounded_agent.urls import redact
 
 REPO = Path(__file__).resolve().parents[2]
 MACHINE = "worker-01"
-AGENT = f"agent-{MACHINE}"  # the agent's user on the test server
+AGENT = f"unbounded-agent:{MACHINE}"  # the agent's user on the test server (packaging/kubernetes/admission-policy.yaml)
+AGENT_GROUP = "unbounded-agent-daemons"
 ADMIN_AGENT = "watcher-tests-admin"  # the admin client's User-Agent, so hooks can tell its requests apart
 WAIT = 30.0  # a bound on waits only; nothing asserts how long anything took
 GATE_MESSAGE = ("AgentReset: machines, links, keys, nspawn config, machine trees and routing removed; "
@@ -47,6 +48,23 @@ GATE_STEPS = [{"step": "stop-machines", "number": 1, "result": "succeeded", "rem
 
 def wait_for(what: str, fn, timeout: float = WAIT, poll: float = 0.02):
     return wait_until(what, fn, timeout, poll)
+
+
+def crd_without_rules(directory: Path) -> Path:
+    """Our CRD as upstream's is: no x-kubernetes-validations, no defaults (the API server takes any operation)."""
+    import yaml
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("x-kubernetes-validations", "default")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    crd = yaml.safe_load((REPO / "packaging" / "kubernetes" / "crd-machineoperations.yaml").read_text())
+    path = Path(directory) / "crd-without-rules.yaml"
+    path.write_text(yaml.safe_dump(strip(crd), sort_keys=False))
+    return path
 
 
 class FakeDispatcher:
@@ -157,7 +175,8 @@ class Hook:
                     self.action()
                 if self.answer:
                     hd.read_body()
-                    reason = "ServiceUnavailable" if self.answer == 503 else "InternalError"
+                    reason = {503: "ServiceUnavailable", 422: "Invalid", 403: "Forbidden"}.get(self.answer,
+                                                                                             "InternalError")
                     hd.send_json(self.answer, ServerError(self.answer, reason, "injected by the test").status())
                     return
         self.orig(hd)
@@ -170,14 +189,25 @@ class Harness:
     """A test API server, an admin client to it, a spool with its fake dispatcher, and watchers for MACHINE
     on one state dir (a restart is stop() then start(): only the files survive)."""
 
-    def __init__(self, tmp: Path, version: str = "1.32.4", **server_kw):
+    def __init__(self, tmp: Path, version: str = "1.32.4", client_cert: bool = False, policy: bool = False,
+                 **server_kw):
+        """client_cert: the agent authenticates with a client certificate (a TLS server); policy: the per-machine
+        admission policy (packaging/kubernetes/admission-policy.yaml) is installed."""
         self.tmp = Path(tmp)
-        self.server = start_apiserver(version=version, **server_kw)
+        self.server = start_apiserver(version=version, tls=client_cert or server_kw.pop("tls", False), **server_kw)
         self.admin = kubeclient.build(self.server.kubeconfig(self.tmp / "admin.kubeconfig"))
         self.admin.api.user_agent = ADMIN_AGENT
         # The agent's own credential: the RBAC of packaging/kubernetes/rbac.yaml, nothing more.
         self.apply_rbac()
-        agent_kc = self.server.kubeconfig(self.tmp / "agent.kubeconfig", user=AGENT, groups=("unbounded-agent-daemons",))
+        if policy:
+            self.apply_manifest("admission-policy.yaml")
+        credential = None
+        self.agent_cert: tuple[str, str, str] | None = None
+        if client_cert:
+            crt, key, serial = self.agent_cert = self.server.issue_client_cert(self.tmp, AGENT, [AGENT_GROUP])
+            credential = {"client-certificate": crt, "client-key": key}
+        agent_kc = self.server.kubeconfig(self.tmp / "agent.kubeconfig", user=AGENT, groups=(AGENT_GROUP,),
+                                          credential=credential)
         self.cfg = config.Config(machine_name=MACHINE, kubeconfig=agent_kc, bin_dir=self.tmp / "bin",
                                  state_dir=self.tmp / "state", ready_timeout_seconds=60, ready_without_api_seconds=30)
         self.spool = Spool(self.tmp / "ops")
@@ -187,13 +217,18 @@ class Harness:
         self.notified: list[dict] = []
 
     def apply_rbac(self) -> None:
+        self.apply_manifest("rbac.yaml")
+
+    def apply_manifest(self, name: str) -> None:
+        """Create what packaging/kubernetes/<name> holds, as `kubectl apply -f` would."""
         import yaml
 
-        rbac = REPO / "packaging" / "kubernetes" / "rbac.yaml"
-        for doc in yaml.safe_load_all(rbac.read_text()):
-            plural = "clusterroles" if doc["kind"] == "ClusterRole" else "clusterrolebindings"
-            self.admin.request("POST", f"/apis/rbac.authorization.k8s.io/v1/{plural}", body=doc,
-                               content_type="application/json")
+        for doc in yaml.safe_load_all((REPO / "packaging" / "kubernetes" / name).read_text()):
+            group, _, version = doc["apiVersion"].rpartition("/")
+            plural = doc["kind"].lower() + ("es" if doc["kind"].endswith("y") is False and
+                                            doc["kind"].endswith("s") else "s")
+            plural = {"validatingadmissionpolicys": "validatingadmissionpolicies"}.get(plural, plural)
+            self.admin.request("POST", f"/apis/{group}/{version}/{plural}", body=doc, content_type="application/json")
 
     # -- the watcher -------------------------------------------------------------------------------
 
@@ -245,6 +280,11 @@ class Harness:
     def agent_requests(self, **kw) -> list:
         return self.server.find_requests(user=AGENT, **kw)
 
+    def partition_agent(self, cut: bool = True) -> None:
+        """The agent loses the API server (its connections dropped unanswered) while the admin still reaches it."""
+        self.server.partition((lambda headers: headers.get("User-Agent", "").startswith("unbounded-agent/"))
+                              if cut else None)
+
     def before_agent(self, method: str, path: str, action=None, answer: int | None = None,
                      times: int | None = 1) -> Hook:
         """The agent's next `times` requests (None: all, until the hook is removed) with this method on this
@@ -256,8 +296,11 @@ class Harness:
 
     # -- operations --------------------------------------------------------------------------------
 
-    def create(self, name: str, kind: str, machine: str = MACHINE, ttl: int | None = None, **params) -> dict:
-        spec = {"machineRef": machine, "operationKind": kind}
+    def create(self, name: str, kind: str, machine: str | None = MACHINE, ttl: int | None = None,
+               selector: dict | None = None, **params) -> dict:
+        spec = {"machineRef": machine, "operationKind": kind} if machine else {"operationKind": kind}
+        if selector is not None:
+            spec["machineSelector"] = selector
         if params:
             spec["parameters"] = params
         if ttl is not None:

@@ -191,7 +191,7 @@ def test_crd_schema_is_structural_and_validates_the_spec():
     assert spec["required"] == ["operationKind"]
     assert spec["properties"]["operationKind"]["enum"] == [
         "NodeReboot", "AgentUpgrade", "AgentReset", "HostReboot", "HostPowerOff", "HostPowerOn", "HostReplace"]
-    assert spec["properties"]["parameters"]["additionalProperties"] == {"type": "string"}
+    assert spec["properties"]["parameters"]["additionalProperties"] == {"type": "string", "maxLength": 8192}
     assert spec["properties"]["ttlSecondsAfterFinished"] == {**spec["properties"]["ttlSecondsAfterFinished"],
                                                              "type": "integer", "format": "int32", "minimum": 0}
     assert spec["properties"]["machineSelector"]["x-kubernetes-map-type"] == "atomic"
@@ -303,7 +303,8 @@ def test_get_prints_the_columns_of_the_docs(kubectl, api):
     api.create_cluster_custom_object(G, V, P, operation(name, machine="worker-07", kind="AgentReset"))
     lines = kubectl("get", "mop", name).stdout.splitlines()
     assert lines[0].split() == ["NAME", "KIND", "MACHINE", "PHASE", "AGE"]
-    assert re.fullmatch(rf"{name}\s+AgentReset\s+worker-07\s+\d+s", lines[1])  # no phase yet: an empty cell
+    # Pending before anyone wrote a status: the CRD's default
+    assert re.fullmatch(rf"{name}\s+AgentReset\s+worker-07\s+Pending\s+\d+s", lines[1])
 
     set_phase(api, name, "Failed")
     condition = {"type": "Completed", "status": "False", "reason": "ExecutionFailed", "message": "step 2 failed",
@@ -322,7 +323,7 @@ def test_get_watch_shows_phase_changes_made_through_the_status_subresource(kubec
     try:
         output = LineReader(process)
         wait_until(lambda: server.count(verb="watch", resource=P) > watches)
-        for phase in ("Pending", "InProgress", "Complete"):
+        for phase in ("InProgress", "Complete"):
             set_phase(api, name, phase)
         lines = output.wait_for(rf"{name}.*Complete")
     finally:
@@ -330,8 +331,9 @@ def test_get_watch_shows_phase_changes_made_through_the_status_subresource(kubec
         process.wait()
     assert lines[0].split() == ["NAME", "KIND", "MACHINE", "PHASE", "AGE"]
     phases = [line.split()[3] if len(line.split()) == 5 else "" for line in lines[1:]]
-    # The first row is the GET; the watch's synthetic ADDED for the same object is dropped by kubectl.
-    assert phases == ["", "Pending", "InProgress", "Complete"], lines
+    # The first row is the GET (Pending: the CRD's default); the watch's synthetic ADDED for the same object is
+    # dropped by kubectl.
+    assert phases == ["Pending", "InProgress", "Complete"], lines
 
 
 def test_invalid_operation_kind_is_rejected_with_a_clear_error(kubectl, tmp_path):
@@ -552,7 +554,7 @@ def test_watch_sees_objects_enter_and_leave_its_selector(api):
 
 def test_watch_from_an_expired_resource_version_is_410_gone(server, api, op):
     old = op["metadata"]["resourceVersion"]
-    set_phase(api, op["metadata"]["name"], "Pending")
+    set_phase(api, op["metadata"]["name"], "InProgress")
     server.compact()  # as etcd compaction would: old versions leave the window
     with pytest.raises(client.ApiException) as e:
         stream(api, resource_version=old)
@@ -623,12 +625,13 @@ def test_status_subresource_semantics(api, op):
     obj = api.patch_cluster_custom_object_status(G, V, P, name, {"spec": {"machineRef": "elsewhere"},
                                                                  "metadata": {"labels": {"x": "y"}}})
     assert obj["spec"]["machineRef"] == "worker-01" and "labels" not in obj["metadata"]
-    # A spec change bumps the generation.
-    obj = api.patch_cluster_custom_object(G, V, P, name, {"spec": {"ttlSecondsAfterFinished": 5}})
+    # A spec change bumps the generation (while Pending: the CRD's rules keep a started operation as it was).
+    other = api.create_cluster_custom_object(G, V, P, operation(unique()))
+    obj = api.patch_cluster_custom_object(G, V, P, other["metadata"]["name"], {"spec": {"ttlSecondsAfterFinished": 5}})
     assert obj["metadata"]["generation"] == 2
-    # Status sent with a create is dropped.
+    # Status sent with a create is dropped: the status is the CRD's default.
     created = api.create_cluster_custom_object(G, V, P, {**operation(unique()), "status": {"phase": "Complete"}})
-    assert "status" not in created
+    assert created["status"] == {"phase": "Pending"}
 
 
 def test_a_no_op_write_keeps_the_resource_version(api, op):
@@ -741,7 +744,7 @@ def test_tables_come_from_the_printer_columns(api_client, op):
         assert [(c["name"], c["priority"]) for c in table["columnDefinitions"]] == [
             ("Name", 0), ("Kind", 0), ("Machine", 0), ("Phase", 0), ("Age", 0), ("Reason", 1)]
         row = next(r for r in table["rows"] if r["cells"][0] == op["metadata"]["name"])
-        assert row["cells"][1:4] == ["AgentUpgrade", "worker-01", None]
+        assert row["cells"][1:4] == ["AgentUpgrade", "worker-01", "Pending"]
         assert row["object"]["kind"] == "PartialObjectMetadata"
 
 
@@ -913,3 +916,82 @@ def test_cli_serves_until_interrupted(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CEL rules of the CRD, defaults, partitions
+
+def test_the_crds_rules_refuse_a_bad_operation_with_their_message(kubectl, tmp_path):
+    path = tmp_path / "bad.yaml"
+    both = operation(unique("both"), kind="AgentReset", machineSelector={"matchLabels": {"pool": "a"}})
+    neither = operation(unique("neither"), kind="AgentReset")
+    del neither["spec"]["machineRef"]
+    no_url = operation(unique("no-url"), parameters={"sha256": "ab" * 32})
+    for obj, message in ((both, "exactly one of machineRef and machineSelector must be set"),
+                         (neither, "exactly one of machineRef and machineSelector must be set"),
+                         (no_url, "AgentUpgrade needs parameters.downloadURL, the URL of the release tarball")):
+        path.write_text(yaml.safe_dump(obj))
+        r = kubectl("apply", "-f", path, check=False)
+        assert r.returncode == 1
+        assert r.stderr.strip() == (f'The MachineOperation "{obj["metadata"]["name"]}" is invalid: '
+                                    f'spec: Invalid value: "object": {message}')
+    selected = operation(unique("selected"), kind="AgentReset", machineSelector={"matchLabels": {"pool": "a"}})
+    del selected["spec"]["machineRef"]
+    path.write_text(yaml.safe_dump(selected))
+    kubectl("apply", "-f", path)  # a selector alone is fine
+
+
+def test_the_spec_cannot_change_once_the_operation_has_started(api, op):
+    name = op["metadata"]["name"]
+    api.patch_cluster_custom_object(G, V, P, name, {"spec": {"ttlSecondsAfterFinished": 60}})  # Pending: fine
+    set_phase(api, name, "InProgress")
+    with pytest.raises(client.ApiException) as e:
+        api.patch_cluster_custom_object(G, V, P, name, {"spec": {"ttlSecondsAfterFinished": 5}})
+    body = error_body(e.value)
+    assert (e.value.status, body["details"]["causes"][0]["field"]) == (422, "spec")
+    assert "spec cannot change once the operation has started" in body["message"]
+    # the status and the metadata still can
+    set_phase(api, name, "Complete")
+    api.patch_cluster_custom_object(G, V, P, name, {"metadata": {"labels": {"done": "yes"}}})
+
+
+def test_schema_defaults_apply_on_create_and_on_every_read(tmp_path):
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    no_default = copy.deepcopy(crd)
+    ns = no_default["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    ns.pop("default")
+    ns["properties"]["phase"].pop("default")
+    (tmp_path / "crd.yaml").write_text(yaml.safe_dump(no_default))
+    with start_apiserver(crds=[tmp_path / "crd.yaml"]) as srv:
+        api = client.CustomObjectsApi(config.new_client_from_config(srv.kubeconfig(tmp_path / "kc")))
+        before = api.create_cluster_custom_object(G, V, P, operation("before"))
+        assert "status" not in before
+        # the CRD gains its defaults: objects stored before show them on every read, as kube-apiserver does
+        path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+        api_client = api.api_client
+        stored = json.loads(api_client.call_api(path, "GET", _preload_content=False,
+                                                _return_http_data_only=True).data)
+        stored["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"] = status
+        api_client.call_api(path, "PUT", body=stored, header_params={"Content-Type": "application/json"},
+                            _preload_content=False)
+        assert api.get_cluster_custom_object(G, V, P, "before")["status"] == {"phase": "Pending"}
+        listed = api.list_cluster_custom_object(G, V, P)["items"]
+        assert [o["status"] for o in listed] == [{"phase": "Pending"}]
+        assert api.create_cluster_custom_object(G, V, P, operation("after"))["status"] == {"phase": "Pending"}
+
+
+def test_a_partition_cuts_off_only_the_clients_it_names(server, api, tmp_path):
+    other = config.new_client_from_config(server.kubeconfig(tmp_path / "other"))
+    other.user_agent = "cut-off/1.0"
+    cut = client.CustomObjectsApi(other)
+    cut.list_cluster_custom_object(G, V, P)
+    server.partition(lambda headers: headers.get("User-Agent", "").startswith("cut-off/"))
+    try:
+        with pytest.raises(Exception) as e:  # the connection is dropped unanswered
+            cut.list_cluster_custom_object(G, V, P, _request_timeout=5)
+        assert not isinstance(e.value, client.ApiException)
+        api.list_cluster_custom_object(G, V, P)  # everyone else is served
+    finally:
+        server.partition(None)
+    cut.list_cluster_custom_object(G, V, P)

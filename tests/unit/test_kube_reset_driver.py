@@ -12,7 +12,7 @@ from watcher_fakes import GATE_MESSAGE, MACHINE, Harness, wait_for
 from unbounded_agent import records
 from unbounded_agent.kube import client as kubeclient
 from unbounded_agent.kube.progress import ACCEPTED, DONE, SUBMITTED, SUBMITTING, OperationProgress
-from unbounded_agent.queue.spool import Request
+from unbounded_agent.queue.spool import Request, new_id
 from unbounded_agent.reasons import Reason
 
 URL = "https://releases.example.com/agent.tar.gz"
@@ -227,14 +227,13 @@ def stop_at(h, step: str) -> tuple[str, Request | None]:
                                                   operation=operation, claimed_at=records.now()))
         return operation, None
     if step in ("submitting", "submitted-unrecorded"):
-        hook = h.before_agent("GET", path("reset"), answer=503, times=None)
-        h.start()
-        wait_for("the submission to wait", lambda: h.step("reset") == SUBMITTING and hook.caught)
-        h.stop()
-        hook.remove()
-        p = h.progress("reset")
-        assert p.request_id and h.dispatcher.submitted() == []
-        if step == "submitted-unrecorded":
+        # Killed after the fresh read and InProgress, once the request id was recorded, before (or right after)
+        # the request was queued.
+        p = OperationProgress(uid=op["metadata"]["uid"], name="reset", kind="AgentReset", operation=operation,
+                              claimed_at=records.now(), step=SUBMITTING, request_id=new_id("mop"),
+                              generation=op["metadata"]["generation"], params={})
+        h.progress_store().save(p)
+        if step == "submitted-unrecorded":  # killed after queueing the request, before recording it
             h.spool.submit(Request(id=p.request_id, kind="reset", operation=operation, source="machineoperation",
                                    report_gate=True))
         return operation, None

@@ -8,7 +8,7 @@ from watcher_fakes import Harness, wait_for
 from unbounded_agent import records
 from unbounded_agent.kube import client as kubeclient
 from unbounded_agent.kube.progress import ACCEPTED, DONE, SUBMITTED, SUBMITTING, OperationProgress
-from unbounded_agent.queue.spool import Request
+from unbounded_agent.queue.spool import Request, new_id
 from unbounded_agent.reasons import Reason
 from unbounded_agent.upgrade.record import Store, UpgradeRecord
 
@@ -103,7 +103,7 @@ def test_an_operation_deleted_right_before_its_submission_is_never_submitted(h):
     wait_for("the claim", lambda: hook.caught)
     wait_for("the watcher to forget it", lambda: h.progress("up", uid) is None and h.watcher.progress == {})
     assert h.dispatcher.submitted() == [] and h.get("up") is None
-    assert h.phases_written("up") == ["Pending", "InProgress"]  # never more than it was
+    assert h.phases_written("up") == ["Pending"]  # the read came first: it never showed InProgress
 
 
 def test_rolled_back_upgrade_fails_with_daemon_failed_and_the_recorded_detail(h):
@@ -192,14 +192,12 @@ def stop_at(h, step: str) -> str:
                                                   params={"downloadURL": URL, "sha256": None, "force": False}))
         return operation
     if step in ("submitting", "submitted-unrecorded"):
-        # The fresh read fails (the server answers 503): the request id is saved, nothing is queued.
-        hook = h.before_agent("GET", get_path("up"), answer=503, times=None)
-        h.start()
-        wait_for("the submission to wait", lambda: h.step("up") == SUBMITTING and hook.caught)
-        h.stop()
-        hook.remove()
-        p = h.progress("up")
-        assert p.request_id and h.dispatcher.submitted() == []
+        # Killed after the fresh read and InProgress, once the request id was recorded, before (or right after)
+        # the request was queued.
+        p = OperationProgress(uid=op["metadata"]["uid"], name="up", kind="AgentUpgrade", operation=operation,
+                              claimed_at=records.now(), step=SUBMITTING, request_id=new_id("mop"),
+                              generation=op["metadata"]["generation"], params={"downloadURL": URL, "sha256": None, "force": False})
+        h.progress_store().save(p)
         if step == "submitted-unrecorded":  # killed after queueing the request, before recording it
             h.spool.submit(Request(id=p.request_id, kind="upgrade", operation=operation, source="machineoperation",
                                    url=URL))
@@ -312,3 +310,21 @@ def test_a_request_that_leaves_the_queue_without_a_result_fails_the_operation(h)
     h.wait_phase("up", "Failed")
     cond = h.condition("up")
     assert cond["reason"] == Reason.EXECUTION_FAILED.value and "left this host's queue without a result" in cond["message"]
+
+
+def test_the_parameters_run_and_the_generation_published_are_of_one_version(h):
+    """The spec is changed after the fresh read, before InProgress is written: that write meets a conflict and is
+    made over the newer version, yet publishes the generation whose parameters were queued."""
+    def edit():
+        if len(hook.caught) == 2:  # the first write is Pending ("accepted"), before the read; the second InProgress
+            h.admin.request("PATCH", get_path("up"), body={"spec": {"parameters": {"downloadURL": OTHER_URL}}},
+                            content_type="application/merge-patch+json")
+
+    hook = h.before_agent("PUT", get_path("up") + "/status", action=edit, times=2)
+    h.create("up", "AgentUpgrade", downloadURL=URL)
+    h.start()
+    req = h.dispatcher.wait_request(h.operation("up"))
+    op = h.wait_phase("up", "InProgress")
+    assert op["metadata"]["generation"] == 2 and req.url == URL
+    assert h.condition("up")["observedGeneration"] == 1
+    assert any(r.code == 409 for r in h.agent_requests(verb="update"))

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from watcher_fakes import AGENT, MACHINE, Harness, wait_for
+from watcher_fakes import AGENT, MACHINE, Harness, crd_without_rules, wait_for
 
 from unbounded_agent.kube import client as kubeclient
 from unbounded_agent.kube import mop
@@ -63,7 +63,7 @@ def test_only_this_machines_operations_are_handled(h):
     h.finish_reset("mine-2")
     h.wait_phase("mine-2", "Complete")
     for name in ("other", "other-2"):
-        assert h.get(name).get("status") in (None, {}) and h.events(name) == []
+        assert h.get(name)["status"] == {"phase": "Pending"} and h.events(name) == []  # the default only
         assert not h.agent_requests(name=name)
     assert {r.operation.split("@")[0] for r in h.dispatcher.results()} == {"mine", "mine-2"}
     q = [r.query for r in h.agent_requests() if r.verb in ("list", "watch")]
@@ -82,7 +82,7 @@ def test_where_the_server_cannot_select_by_machine_the_others_are_still_untouche
         h.settle()
         assert h.watcher.listwatch.client_side
         for name in ("other", "other-2"):
-            assert h.get(name).get("status") in (None, {}) and h.events(name) == []
+            assert h.get(name)["status"] == {"phase": "Pending"} and h.events(name) == []  # the default only
         assert {r.operation.split("@")[0] for r in h.dispatcher.results()} == {"mine"}
         assert all(mop.machine(o) == MACHINE for o in h.watcher.cache.values())
 
@@ -110,23 +110,19 @@ def test_unsupported_and_invalid_fail_at_once_host_kinds_are_untouched(h):
     h.create("busy", "AgentUpgrade", downloadURL=URL)  # in progress: the failures below do not wait for it
     h.wait_phase("busy", "InProgress")
     h.create("reboot", "NodeReboot")
-    h.create("no-url", "AgentUpgrade")
     h.create("reset-args", "AgentReset", allWG="true")
     for kind in HOST_KINDS:
         h.create(kind.lower(), kind)
     h.wait_phase("reboot", "Failed")
     assert h.condition("reboot")["reason"] == "UnsupportedOperation"
     assert "NodeReboot is not implemented" in h.condition("reboot")["message"]
-    h.wait_phase("no-url", "Failed")
-    assert h.condition("no-url")["reason"] == "InvalidParameters"
-    assert 'missing required parameter "downloadURL"' in h.condition("no-url")["message"]
     h.wait_phase("reset-args", "Failed")
     assert h.condition("reset-args")["reason"] == "InvalidParameters"
     h.finish_upgrade("busy")
     h.wait_phase("busy", "Complete")
     h.settle()
     for kind in HOST_KINDS:
-        assert h.get(kind.lower()).get("status") in (None, {})
+        assert h.get(kind.lower())["status"] == {"phase": "Pending"}  # the CRD's default only
         assert not h.agent_requests(name=kind.lower()) and h.events(kind.lower()) == []
     assert len(h.dispatcher.submitted()) == 1
 
@@ -241,3 +237,89 @@ def test_an_operation_moved_to_another_machine_is_not_claimed(h):
     h.wait_phase("first", "Complete")
     h.settle()
     assert h.dispatcher.submitted() == [first.id] and h.phase("moved") == "Pending"
+
+
+def test_the_crds_rules_refuse_what_the_agent_would_fail(h):
+    """With our CRD, the API server itself refuses a bad operation, with the rule's message."""
+    with pytest.raises(kubeclient.ApiError) as e:
+        h.create("no-url", "AgentUpgrade")
+    assert e.value.code == 422 and "AgentUpgrade needs parameters.downloadURL" in e.value.message
+    with pytest.raises(kubeclient.ApiError) as e:
+        h.create("both", "AgentReset", selector={"matchLabels": {"pool": "a"}})
+    assert e.value.code == 422 and "exactly one of machineRef and machineSelector must be set" in e.value.message
+
+
+def test_without_the_crds_rules_the_agent_fails_bad_operations_itself_and_leaves_selectors_alone(tmp_path):
+    with Harness(tmp_path, crds=[crd_without_rules(tmp_path)]) as h:
+        h.start()
+        h.synced()
+        h.create("selected", "AgentUpgrade", machine=None, selector={"matchLabels": {"pool": "a"}},
+                 downloadURL=URL)  # for the fan-out controller: never this agent's
+        h.create("no-url", "AgentUpgrade")
+        h.create("both", "AgentReset", selector={"matchLabels": {"pool": "a"}})
+        h.wait_phase("no-url", "Failed")
+        assert h.condition("no-url")["reason"] == "InvalidParameters"
+        assert 'missing required parameter "downloadURL"' in h.condition("no-url")["message"]
+        h.wait_phase("both", "Failed")
+        assert h.condition("both")["reason"] == "InvalidParameters"
+        assert "machineRef and machineSelector are both set" in h.condition("both")["message"]
+        h.settle()
+        assert not h.get("selected").get("status") and not h.agent_requests(name="selected")
+        assert h.events("selected") == [] and h.dispatcher.submitted() == []
+
+
+def test_an_operation_deleted_while_pending_behind_another_never_runs_across_a_partition(h):
+    """The agent loses the API server (kubectl still reaches it) while a reset waits behind an upgrade; the reset
+    is deleted; the upgrade finishes. The watcher's cache still holds the reset: it takes it up, but decides
+    nothing before a fresh read — which, once the server is back, says it is gone."""
+    h.start()
+    h.create("up", "AgentUpgrade", downloadURL=URL)
+    req = h.dispatcher.wait_request(h.operation("up"))
+    h.create("reset", "AgentReset")
+    wait_for("the reset to wait", lambda: "waiting for AgentUpgrade up" in
+             ((h.get("reset") or {}).get("status") or {}).get("message", ""))
+    reset_uid = h.get("reset")["metadata"]["uid"]
+    h.partition_agent()
+    h.delete("reset")
+    h.dispatcher.succeed(req, "upgraded from 1.0.0 to 2.0.0")
+    # the upgrade's end cannot be published; the reset, still in the cache, is taken up and waits for a read
+    wait_for("the reset to be taken up", lambda: (p := h.progress("reset", reset_uid)) and p.step == "accepted")
+    h.settle(5)
+    assert h.progress("reset", reset_uid).step == "accepted" and h.dispatcher.submitted() == [req.id]
+    h.partition_agent(False)
+    # (the watcher's backoff grew while the server was out of reach: up to 30 s before it asks again)
+    wait_for("up to be Complete", lambda: h.phase("up") == "Complete", timeout=120)
+    wait_for("the reset to be forgotten", lambda: h.progress("reset", reset_uid) is None, timeout=120)
+    assert h.dispatcher.submitted() == [req.id] and h.events("reset") == []
+    assert not [r for r in h.agent_requests(name="reset") if r.verb == "update" and r.code == 200 and
+                r.time > req_time(h, req)]
+
+
+def req_time(h, req) -> float:
+    """When the upgrade's result was written (the reset was deleted before)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(h.dispatcher.spool.result(req.id).finished_at.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_status_write_refused_for_one_operation_does_not_delay_the_others(h):
+    """Its writes always get 422: it says so in an Event on itself, and retries on its own backoff, while the
+    operations after it are written as they happen."""
+    h.create("stuck", "AgentReset")
+    h.before_agent("PUT", f"{kubeclient.MOP_PATH}/stuck/status", answer=422, times=None)
+    h.start()
+    stuck = h.dispatcher.wait_request(h.operation("stuck"))
+    wait_for("the refusal's Event", lambda: "StatusRefused" in h.event_reasons("stuck"))
+    h.dispatcher.open_gate(stuck, steps=[])
+    wait_for("stuck's gate to wait for its Complete", lambda: h.watcher.progress[
+        h.get("stuck")["metadata"]["uid"]].want.get("phase") == "Complete")
+    h.dispatcher.fail(stuck, Reason.EXECUTION_FAILED, "phase 2 failed")  # the host goes on without it
+    for name in ("a", "b"):
+        h.create(name, "AgentUpgrade", downloadURL=URL)
+        h.finish_upgrade(name)
+        h.wait_phase(name, "Complete")
+    assert h.phase("stuck") == "Pending"  # never written
+    refused = [e for e in h.events("stuck") if e["reason"] == "StatusRefused"]
+    assert len(refused) == 1 and refused[0]["type"] == "Warning" and "422" in refused[0]["message"]
+    wait_for("the refusals to be counted", lambda: [e for e in h.events("stuck")
+                                                     if e["reason"] == "StatusRefused"][0]["count"] >= 2)

@@ -9,13 +9,21 @@ the API conventions: the watcher must not depend on generated models, nor know w
 Errors come in two kinds, because the caller acts differently on them:
 - ``ApiError`` — the server answered with an error status (409 Conflict, 404 NotFound, 410 Gone, ...);
 - ``Unavailable`` — no answer: refused, reset, timed out, TLS failure, or a 5xx/429 (retry later).
+
+Credentials rotate: a client remembers the files it was built from (the kubeconfig and the certificate, key,
+CA and token files it names, or the service account's) and is ``stale`` once the server refuses its
+credentials (401, or a 403 for the anonymous user: a client certificate the server no longer takes). The
+owner (``Client``) builds a new one then, or when any of those files changed; a refusal of the credentials is
+``Unavailable``, retried like an outage, never an answer about the object.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 from ..version import VERSION
 
@@ -26,6 +34,8 @@ MACHINE_PATH = f"/apis/{GROUP}/{API_VERSION}/machines"
 EVENTS_PATH = "/api/v1/namespaces/{namespace}/events"
 USER_AGENT = f"unbounded-agent/{VERSION}"
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+CHECK_FILES_EVERY = 1.0  # seconds between looks at the credential files
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
@@ -58,6 +68,8 @@ def build(kubeconfig: str | None) -> Kube:
 
     Raises Unavailable when neither can be loaded (the file may appear later: the caller retries)."""
     from kubernetes import client, config  # the daemon path only
+    files = credential_files(kubeconfig)
+    seen = signature(files)  # before loading: a change during the load is seen as a change
     configuration = client.Configuration()
     try:
         if kubeconfig:
@@ -70,7 +82,50 @@ def build(kubeconfig: str | None) -> Kube:
     configuration.retries = 0  # the watcher retries with its own backoff
     api = client.ApiClient(configuration)
     api.user_agent = USER_AGENT
-    return Kube(api)
+    return Kube(api, files, seen)
+
+
+def credential_files(kubeconfig: str | None) -> list[str]:
+    """The files a client is built from: the kubeconfig and every file its current context names (relative
+    paths are relative to the kubeconfig, as kubectl reads them), or the service account's token and CA."""
+    if not kubeconfig:
+        return [IN_CLUSTER_TOKEN, IN_CLUSTER_CA]
+    files = [kubeconfig]
+    try:
+        import yaml
+
+        with open(kubeconfig, "rb") as f:
+            doc = yaml.safe_load(f)
+        current = doc.get("current-context")
+        context = _named(doc, "contexts", current).get("context") or {}
+        cluster = _named(doc, "clusters", context.get("cluster")).get("cluster") or {}
+        user = _named(doc, "users", context.get("user")).get("user") or {}
+    except Exception:  # unreadable now: build() says why; the kubeconfig itself is still watched
+        return files
+    base = os.path.dirname(os.path.abspath(kubeconfig))
+    for holder, key in ((cluster, "certificate-authority"), (user, "client-certificate"), (user, "client-key"),
+                        (user, "tokenFile")):
+        value = holder.get(key)
+        if isinstance(value, str) and value:
+            files.append(os.path.join(base, value))
+    return files
+
+
+def _named(doc: dict, section: str, name) -> dict:
+    return next((e for e in doc.get(section) or [] if isinstance(e, dict) and e.get("name") == name), {})
+
+
+def signature(files: list[str]) -> tuple:
+    """What changes when any of files is replaced, rewritten or removed."""
+    out: list[tuple] = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((path, None))
+            continue
+        out.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def configured(kubeconfig: str | None) -> bool:
@@ -78,10 +133,49 @@ def configured(kubeconfig: str | None) -> bool:
     return bool(kubeconfig) or (bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(IN_CLUSTER_TOKEN))
 
 
+class Client:
+    """The current Kube, built on first use from factory and built again when its credentials were refused
+    or their files changed. Safe to call from several threads; raises Unavailable until it can be built."""
+
+    def __init__(self, factory: Callable[[], Kube], on_build: Callable[[Kube, str], None] | None = None):
+        self.factory = factory
+        self.on_build = on_build or (lambda kube, why: None)
+        self.current: Kube | None = None
+        self.builds = 0
+        self._lock = threading.Lock()
+        self._checked = 0.0
+
+    def __call__(self) -> Kube:
+        with self._lock:
+            why = self._why_rebuild()
+            if why:
+                self.current = self.factory()
+                self.builds += 1
+                self.on_build(self.current, why)
+            assert self.current is not None
+            return self.current
+
+    def _why_rebuild(self) -> str:
+        kube = self.current
+        if kube is None:
+            return "first use"
+        if kube.stale:
+            return f"the API server refused the credentials ({kube.stale})"
+        now = time.monotonic()
+        if kube.files and now - self._checked >= CHECK_FILES_EVERY:
+            self._checked = now
+            if signature(kube.files) != kube.signature:
+                return "the kubeconfig or a file it names changed"
+        return ""
+
+
 class Kube:
-    def __init__(self, api_client):
+    def __init__(self, api_client, files: list[str] | None = None, seen: tuple = ()):
         self.api = api_client
         self.server = api_client.configuration.host
+        self.files = files or []  # what it was built from (empty: built some other way, e.g. by a test)
+        self.signature = seen
+        self.stale = ""  # why its credentials were refused: the owner builds a new client
         self.requests = 0  # sent, for the status line and the measurements
 
     def _call(self, method: str, path: str, query: dict | None = None, body=None, content_type: str | None = None,
@@ -104,6 +198,9 @@ class Kube:
             reason, message = _status_of(e.body, e.status, e.reason)
             if _retryable(e.status):
                 raise Unavailable(f"{e.status} {reason}: {message}") from None
+            if refused_credentials(e.status, message):
+                self.stale = f"{e.status} {reason}"
+                raise Unavailable(f"the API server refused the credentials: {e.status} {reason}: {message}") from None
             raise ApiError(e.status, reason, message) from None
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise Unavailable(f"{type(e).__name__}: {e}") from None
@@ -149,6 +246,12 @@ class Kube:
             raise Unavailable(f"the watch ended: {type(e).__name__}: {e}") from None
         finally:
             resp.release_conn()
+
+
+def refused_credentials(code: int, message: str) -> bool:
+    """401: the credentials were not accepted. 403 for system:anonymous: none were (a client certificate the
+    server does not take is not sent as credentials at all), where anonymous requests are allowed."""
+    return code == 401 or (code == 403 and 'User "system:anonymous"' in message)
 
 
 def _status_of(body, code: int, fallback: str | None) -> tuple[str, str]:

@@ -96,13 +96,26 @@ def sort_key(op: dict) -> tuple:
     return (op.get("metadata", {}).get("creationTimestamp") or "", name(op))
 
 
+def generation(op: dict) -> int | None:
+    g = op.get("metadata", {}).get("generation")
+    return g if isinstance(g, int) and not isinstance(g, bool) else None
+
+
+def has_selector(op: dict) -> bool:
+    return (op.get("spec") or {}).get("machineSelector") is not None
+
+
 def check_parameters(op: dict, allow_http: bool) -> dict:
     """The operation's parameters, checked; OpsError(InvalidParameters) with a redacted message otherwise.
 
-    Unknown keys are refused (a misspelt ``sha256`` must not silently skip the digest check)."""
+    Unknown keys are refused (a misspelt ``sha256`` must not silently skip the digest check). The agent
+    checks for itself what our CRD's rules also say: the upstream CRD has no such rules."""
     from .. import urls
 
     k = kind(op)
+    if has_selector(op):
+        raise OpsError(Reason.INVALID_PARAMETERS, "machineRef and machineSelector are both set: an operation names "
+                                                  "one machine (machineRef) or selects machines, not both")
     params = parameters(op)
     bad = sorted(str(key) for key, value in params.items() if not isinstance(value, str))
     if bad:
@@ -125,9 +138,15 @@ def check_parameters(op: dict, allow_http: bool) -> dict:
 
 
 def desired(phase_: str, reason: str, message: str, *, started_at: str | None = None,
-            completed_at: str | None = None, machine_generation: int | None = None) -> dict:
-    """What the agent wants an operation's status to say (kept in the progress file until written)."""
+            completed_at: str | None = None, machine_generation: int | None = None,
+            observed_generation: int | None = None) -> dict:
+    """What the agent wants an operation's status to say (kept in the progress file until written).
+
+    observed_generation: the generation of the object version the agent decided from (its parameters),
+    published on the condition whatever version the write lands on."""
     d: dict[str, str | int] = {"phase": phase_, "reason": reason, "message": message[:4096]}
+    if observed_generation:
+        d["observedGeneration"] = observed_generation
     if started_at:
         d["startedAt"] = started_at
     if completed_at:
@@ -154,7 +173,7 @@ def apply_status(op: dict, want: dict, at: str | None = None) -> dict:
     conditions = [c for c in old.get("conditions") or [] if isinstance(c, dict)]
     prev = next((c for c in conditions if c.get("type") == CONDITION), None)
     cond = {"type": CONDITION, "status": status, "reason": want["reason"], "message": want["message"],
-            "observedGeneration": op.get("metadata", {}).get("generation", 1),
+            "observedGeneration": want.get("observedGeneration") or op.get("metadata", {}).get("generation", 1),
             "lastTransitionTime": prev["lastTransitionTime"] if prev and prev.get("status") == status
             and prev.get("lastTransitionTime") else at}
     st["conditions"] = [c for c in conditions if c.get("type") != CONDITION] + [cond]
@@ -167,6 +186,7 @@ def status_matches(op: dict, want: dict) -> bool:
     cond = next((c for c in st.get("conditions") or [] if isinstance(c, dict) and c.get("type") == CONDITION), {})
     return (st.get("phase") == want["phase"] and st.get("message") == want["message"]
             and cond.get("reason") == want["reason"]
+            and (not want.get("observedGeneration") or cond.get("observedGeneration") == want["observedGeneration"])
             and all(st.get(k) == want[k] for k in ("completedAt", "startedAt") if want.get(k)))
 
 

@@ -32,6 +32,7 @@ class OperationProgress:
     step: str = ACCEPTED
     operation: str = ""  # the name the host knows it by: <name>@<uid prefix>
     params: dict = dataclasses.field(default_factory=dict)
+    generation: int | None = None  # metadata.generation of the version params were read from (published)
     request_id: str | None = None
     claimed_at: str = ""
     started_at: str | None = None

@@ -1,4 +1,4 @@
-"""An AgentReset, as the watcher drives it: InProgress, a fresh read, a request in the queue; then, when the
+"""An AgentReset, as the watcher drives it: a fresh read, InProgress, a request in the queue; then, when the
 dispatcher stops at the reset's gate (phase 1 succeeded, the agent is removed next), ``Complete`` on the
 server, the operations it supersedes marked ``Failed``, and the acknowledgement that lets the reset remove
 this daemon. A reset that fails before the gate ends ``Failed`` with the step and its reason, and the daemon
@@ -15,22 +15,11 @@ from .progress import ACCEPTED, DONE, SUBMITTED, SUBMITTING, OperationProgress
 
 
 def drive(w, p: OperationProgress) -> None:
-    if p.step == ACCEPTED:
-        w.start_operation(p, "resetting unbounded agent", SUBMITTING)
-    if p.step == SUBMITTING:
-        if w.spool.state(p.request_id) is None:
-            op = w.fresh(p)
-            if op is None:
-                if p.gone:
-                    log.info(f"AgentReset {p.name} was deleted before it started: not running it")
-                    p.step = DONE
-                    w.store.save(p)
-                return
-            mop.check_parameters(op, w.cfg.allow_insecure_http)
-            w.spool.submit(Request(id=p.require_request_id(), kind="reset", operation=p.operation, source="machineoperation",
-                                   report_gate=True))
-        p.step = SUBMITTED
-        w.store.save(p)
+    if p.step in (ACCEPTED, SUBMITTING):  # the fresh read, InProgress and the request: as every kind (w.begin)
+        if not w.begin(p, lambda params: "resetting unbounded agent",
+                       lambda params: Request(id=p.require_request_id(), kind="reset", operation=p.operation,
+                                              source="machineoperation", report_gate=True)):
+            return
         w.event(p, "ResetStarted", f"queued the reset (request {p.request_id})")
     if p.step == SUBMITTED:
         result = w.result(p)

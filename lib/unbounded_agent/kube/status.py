@@ -2,14 +2,15 @@
 Machine's agent-version annotation.
 
 Status is written with PUT on the status subresource and the object's resourceVersion; on 409 Conflict
-the object is read again and the write retried. A write that cannot be done now (the server is
-unreachable) waits, with backoff, and never holds up anything on the host. Events wait in memory.
+the object is read again and the write retried. Backoff is per operation: a write the server refuses (a 4xx
+such as 403 from an admission policy, or 422) is recorded as a Warning Event on that operation and retried
+later for that operation only, so it never delays the others. Only an unreachable server (no answer, 5xx)
+holds up every write, with one backoff for all. Nothing here holds up anything on the host. Events wait in
+a journal on disk (events.py).
 """
 
 from __future__ import annotations
 
-import itertools
-import secrets
 import time
 from collections.abc import Callable
 
@@ -18,10 +19,10 @@ from ..version import VERSION
 from . import client as kubeclient
 from . import mop
 from .client import ApiError, KubeError, Unavailable
+from .events import Recorder
 from .listwatch import BACKOFF_MAX, Backoff, rv_newer
-from .progress import OperationProgress, ProgressStore
+from .progress import DONE, SUBMITTED, OperationProgress, ProgressStore
 
-MAX_PENDING_EVENTS = 200
 MACHINE_RETRY = 600.0
 
 
@@ -32,17 +33,22 @@ class ApiWriter:
         self.machine = machine
         self.cache = cache  # uid -> the latest copy of each operation of this machine (the watcher's)
         self.store = store
-        self.events: list[dict] = []
-        self.api_retry_at = 0.0  # writes wait until then after the server was unavailable
+        self.recorder = Recorder(kube, machine, store.dir / "events")
+        self.api_retry_at = 0.0  # every write waits until then after the server was unavailable
         self._api_backoff = Backoff(1.0, BACKOFF_MAX)
         self._api_down_logged = False
+        self.refused: dict[str, tuple[Backoff, float]] = {}  # uid -> its backoff, and when to write it again
         self.pending_written: dict[str, str] = {}  # uid -> the Pending message written for a waiting op
         self.deleted: set[str] = set()
         self.machine_next = 0.0
         self.machine_generation: int | None = None
         self.machine_annotated = False
-        self.stats = {"status_writes": 0, "conflicts": 0, "events": 0, "deletes": 0}
-        self._event_seq = itertools.count(1)
+        self.stats = {"status_writes": 0, "conflicts": 0, "refused": 0, "deletes": 0}
+
+    @property
+    def events(self) -> list:
+        """Events not yet on the server."""
+        return self.recorder.pending
 
     def api_ok(self) -> bool:
         return time.monotonic() >= self.api_retry_at
@@ -60,11 +66,26 @@ class ApiWriter:
         self._api_backoff.reset()
         self.api_retry_at = 0.0
 
+    def op_ok(self, uid: str) -> bool:
+        """Whether a status write for this operation may be tried now."""
+        return self.api_ok() and time.monotonic() >= self.refused.get(uid, (None, 0.0))[1]
+
+    def op_refused(self, op: dict, e: ApiError) -> None:
+        """The server refused this operation's status write: say so on it (an Event, aggregated when it repeats)
+        and try it again later; the other operations are not held up."""
+        backoff = self.refused.get(mop.uid(op), (Backoff(1.0, BACKOFF_MAX), 0.0))[0]
+        self.refused[mop.uid(op)] = (backoff, time.monotonic() + backoff.next())
+        self.stats["refused"] += 1
+        if backoff.n == 1:
+            log.error(f"writing the status of {mop.name(op)} was refused: {e}; retried with backoff")
+        self.recorder.add(op, "StatusRefused", f"the agent on {self.machine} could not write this status: {e}",
+                          warning=True)
+
     def write_pending(self, op: dict, message: str) -> None:
         u = mop.uid(op)
-        if self.pending_written.get(u) == message or not self.api_ok():
+        if self.pending_written.get(u) == message or not self.op_ok(u):
             return
-        want = mop.desired(mop.PENDING, mop.REASON_PENDING, message)
+        want = mop.desired(mop.PENDING, mop.REASON_PENDING, message, observed_generation=mop.generation(op))
         if mop.status_matches(op, want):
             self.pending_written[u] = message
             return
@@ -79,7 +100,7 @@ class ApiWriter:
                 self.flush_one(p)
 
     def flush_one(self, p: OperationProgress) -> bool:
-        if p.written or p.gone or not p.want or not self.api_ok():
+        if p.written or p.gone or not p.want or not self.op_ok(p.uid):
             return p.written
         op = self.cache().get(p.uid)
         if op is None:
@@ -111,10 +132,11 @@ class ApiWriter:
 
     def gone(self, p: OperationProgress) -> None:
         if not p.gone:
-            log.info(f"{p.kind} {p.name} was deleted; the host finishes what it started, nothing more is "
-                     "reported")
+            log.info(f"{p.kind} {p.name} was deleted" + ("; the host finishes what it started, nothing more is "
+                                                         "reported" if p.step in (SUBMITTED, DONE) else ""))
             p.gone = True
             self.store.save(p)
+            self.recorder.drop(p.uid)
 
     def put_status(self, op: dict, want: dict, p: OperationProgress | None = None) -> dict | None:
         """Write want over op's status (PUT .../status with op's resourceVersion); on 409 Conflict read it
@@ -129,7 +151,7 @@ class ApiWriter:
             except ApiError as e:
                 if e.code == 409:
                     self.stats["conflicts"] += 1
-                    fresh = self.get_op(p) if p else self._get_fresh(op)
+                    fresh = self.get_op(p) if p else self.get_fresh(op)
                     if fresh is None:
                         return None
                     op = fresh
@@ -138,20 +160,20 @@ class ApiWriter:
                     if p:
                         self.gone(p)
                     return None
-                log.error(f"writing the status of {mop.name(op)} failed: {e}")
-                self.api_failed(e)
+                self.op_refused(op, e)
                 return None
             except Unavailable as e:
                 self.api_failed(e)
                 return None
             self.api_worked()
+            self.refused.pop(mop.uid(op), None)
             self.stats["status_writes"] += 1
             if mop.machine(new) == self.machine and rv_newer(new, self.cache().get(mop.uid(new))):
                 self.cache()[mop.uid(new)] = new
             return new
         return None
 
-    def _get_fresh(self, op: dict) -> dict | None:
+    def get_fresh(self, op: dict) -> dict | None:
         try:
             fresh = self.kube().get(f"{kubeclient.MOP_PATH}/{mop.name(op)}")
         except KubeError as e:
@@ -164,25 +186,10 @@ class ApiWriter:
         if p.gone:
             return
         op = self.cache().get(p.uid) or {"metadata": {"name": p.name, "uid": p.uid}}
-        suffix = f"{int(time.time() * 1000):x}{next(self._event_seq):x}{secrets.token_hex(2)}"
-        ev = mop.event(op, reason, message, warning, self.machine, suffix=suffix)
-        if len(self.events) < MAX_PENDING_EVENTS:
-            self.events.append(ev)
+        self.recorder.add(op, reason, message, warning)
 
     def flush_events(self) -> None:
-        while self.events and self.api_ok():
-            ev = self.events[0]
-            try:
-                self.kube().request("POST", kubeclient.EVENTS_PATH.format(namespace=ev["metadata"]["namespace"]),
-                                    body=ev, content_type="application/json")
-            except Unavailable as e:
-                self.api_failed(e)
-                return
-            except ApiError as e:
-                if e.code != 409:  # 409: already there (a retry of a create that did arrive)
-                    log.warn(f"event {ev['reason']} on {ev['involvedObject']['name']} dropped: {e}")
-            self.stats["events"] += 1
-            self.events.pop(0)
+        self.recorder.flush(self.api_ok, self.api_failed)
 
     def expire_finished(self) -> None:
         """Delete finished agent operations whose ttlSecondsAfterFinished has passed."""
@@ -201,9 +208,8 @@ class ApiWriter:
                 log.info(f"deleted {mop.kind(op)} {mop.name(op)}: ttlSecondsAfterFinished passed")
                 self.stats["deletes"] += 1
             except ApiError as e:
-                if e.code not in (404, 409):
+                if e.code not in (404, 409):  # refused (e.g. forbidden): not tried again
                     log.warn(f"deleting {mop.name(op)} after its TTL failed: {e}")
-                    self.api_failed(e)
             except Unavailable as e:
                 self.api_failed(e)
                 return

@@ -1,4 +1,4 @@
-"""An AgentUpgrade, as the watcher drives it: InProgress, a fresh read, a request in the queue, and the
+"""An AgentUpgrade, as the watcher drives it: a fresh read, InProgress, a request in the queue, and the
 result as the operation's end. The upgrade record's phases become Events on the way.
 
 AgentUpgrade stays InProgress across the daemon restart: the restarted daemon (the new one, or the one
@@ -7,7 +7,6 @@ restored by a rollback) reads the same progress file and publishes the result.
 
 from __future__ import annotations
 
-from .. import log
 from ..queue.spool import Request
 from ..reasons import OpsError, Reason
 from ..urls import redact
@@ -16,23 +15,10 @@ from .progress import ACCEPTED, DONE, SUBMITTED, SUBMITTING, OperationProgress
 
 
 def drive(w, p: OperationProgress) -> None:
-    if p.step == ACCEPTED:
-        w.start_operation(p, f"staging upgraded host agent binary from {redact(p.params.get('downloadURL', ''))}",
-                          SUBMITTING)
-    if p.step == SUBMITTING:
-        if w.spool.state(p.request_id) is None:  # not queued yet (a restart may come between the two)
-            op = w.fresh(p)
-            if op is None:
-                if p.gone:  # deleted before it started: it never starts
-                    log.info(f"AgentUpgrade {p.name} was deleted before it started: not running it")
-                    p.step = DONE
-                    w.store.save(p)
-                return  # the server cannot be read now: ask again on the next pass
-            params = p.params = mop.check_parameters(op, w.cfg.allow_insecure_http)  # act on what the server has now
-            w.spool.submit(Request(id=p.require_request_id(), kind="upgrade", operation=p.operation, source="machineoperation",
-                                   url=params["downloadURL"], sha256=params.get("sha256"), force=bool(params.get("force"))))
-        p.step = SUBMITTED
-        w.store.save(p)
+    if p.step in (ACCEPTED, SUBMITTING):
+        if not w.begin(p, lambda params: f"staging upgraded host agent binary from "
+                                         f"{redact(params.get('downloadURL', ''))}", lambda params: _request(p, params)):
+            return
         w.event(p, "UpgradeStarted", f"queued the upgrade (request {p.request_id}) from "
                                      f"{redact(p.params.get('downloadURL', ''))}")
     if p.step == SUBMITTED:
@@ -43,6 +29,11 @@ def drive(w, p: OperationProgress) -> None:
         _phase_events(w, p)
     elif p.step != DONE:
         _legacy(w, p)
+
+
+def _request(p: OperationProgress, params: dict) -> Request:
+    return Request(id=p.require_request_id(), kind="upgrade", operation=p.operation, source="machineoperation",
+                   url=params["downloadURL"], sha256=params.get("sha256"), force=bool(params.get("force")))
 
 
 def _phase_events(w, p: OperationProgress) -> None:

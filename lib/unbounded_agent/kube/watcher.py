@@ -9,9 +9,11 @@ once a second — level-based, from its cache, its progress files (progress.py),
 and never waits on a host step. Its heartbeat is what the systemd watchdog thread checks (daemon.py).
 
 One operation at a time per machine: the others stay ``Pending`` with a message naming the one in
-progress. An operation is submitted only after a fresh read shows it still exists, with the parameters
-of that read. Invalid parameters and unsupported agent kinds fail at once; the Host* kinds are never
-touched.
+progress. The cache only says which operation to look at next: every decision about it is made from a
+fresh read (``begin``) — deleted, it never starts; invalid, it fails; otherwise the parameters of that read
+are what runs, and its generation is what the status publishes — and the request is queued only after a
+fresh read showed it still exists. Unsupported agent kinds fail at once; the Host* kinds and operations
+that select machines (``machineSelector``, fanned out by a controller) are never touched.
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from .. import log
 from ..config import Config
-from ..queue.spool import Spool
+from ..queue.spool import Request, Spool
 from ..reasons import OpsError, Reason
 from ..version import VERSION
 from . import client as kubeclient
 from . import mop, reset_driver, upgrade_driver
 from .listwatch import WATCH_TIMEOUT, ListWatch, rv_newer
-from .progress import DONE, OperationProgress, ProgressStore
+from .progress import ACCEPTED, DONE, SUBMITTED, SUBMITTING, OperationProgress, ProgressStore
 from .status import ApiWriter
 
 TICK = 1.0
@@ -45,9 +48,7 @@ class Watcher:
         self.notify = notify or (lambda **kw: None)
         self.tick = tick
         self.watch_timeout = watch_timeout
-        self._factory = client_factory or (lambda: kubeclient.build(cfg.kubeconfig))
-        self._kube: kubeclient.Kube | None = None
-        self._kube_lock = threading.Lock()
+        self.client = kubeclient.Client(client_factory or (lambda: kubeclient.build(cfg.kubeconfig)), self._built)
         self.store = ProgressStore(cfg.state_dir)
         self.progress: dict[str, OperationProgress] = self.store.load_all()
         self.cache: dict[str, dict] = {}  # uid -> operation of this machine
@@ -69,14 +70,17 @@ class Watcher:
     # -- the client ----------------------------------------------------------------------------------
 
     def kube(self) -> kubeclient.Kube:
-        """The client, built on first use (by either thread); raises Unavailable until it can be built."""
+        """The client (either thread), built again when its credentials rotate; raises Unavailable until it
+        can be built."""
+        return self.client()
+
+    def _built(self, kube: kubeclient.Kube, why: str) -> None:
         from ..urls import redact
 
-        with self._kube_lock:
-            if self._kube is None:
-                self._kube = self._factory()
-                log.info(f"talking to the API server at {redact(self._kube.server)} as machine {self.machine}")
-            return self._kube
+        if why == "first use":
+            log.info(f"talking to the API server at {redact(kube.server)} as machine {self.machine}")
+        else:
+            log.info(f"{why}: loaded the credentials again")
 
     # -- running -------------------------------------------------------------------------------------
 
@@ -191,21 +195,29 @@ class Watcher:
                                        f"(its state in {self.store.dir} was lost); not running it again"))
                 continue
             try:
-                params = mop.check_parameters(op, self.cfg.allow_insecure_http)
-            except OpsError as e:
-                self.claim(op, failed=(e.reason, e.message))
-                continue
+                mop.check_parameters(op, self.cfg.allow_insecure_http)
+            except OpsError:
+                # Invalid parameters fail at once, even behind another operation; but only as a fresh read has them.
+                fresh = self.api.get_fresh(op)
+                if fresh is None:
+                    continue
+                try:
+                    mop.check_parameters(fresh, self.cfg.allow_insecure_http)
+                except OpsError as e:
+                    self.claim(fresh, failed=(e.reason, e.message))
+                    continue
+                op = fresh
             current = self.active()
             if current is not None:
                 self.api.write_pending(op, f"waiting for {current.kind} {current.name} (in progress on "
                                            f"{self.machine}) to finish")
                 continue
-            self.claim(op, params=params)
+            self.claim(op)
 
-    def claim(self, op: dict, params: dict | None = None, failed: tuple | None = None) -> OperationProgress:
+    def claim(self, op: dict, failed: tuple | None = None) -> OperationProgress:
         u, name, k = mop.uid(op), mop.name(op), mop.kind(op)
         p = OperationProgress(uid=u, name=name, kind=k, claimed_at=mop.now(), operation=f"{name}@{u[:8]}",
-                              params=params or {})
+                              generation=mop.generation(op))
         self.api.pending_written.pop(u, None)
         self.progress[u] = p
         if failed:
@@ -227,7 +239,8 @@ class Watcher:
             started = p.started_at = mop.now()
         completed = mop.now() if phase in mop.TERMINAL else None
         p.want = mop.desired(phase, reason, message, started_at=started if phase != mop.PENDING else None,
-                             completed_at=completed, machine_generation=self.api.machine_generation)
+                             completed_at=completed, machine_generation=self.api.machine_generation,
+                             observed_generation=p.generation)
         p.written = False
         self.store.save(p)
 
@@ -239,6 +252,47 @@ class Watcher:
         (log.info if ok else log.error)(f"{p.kind} {p.name} {phase}: {reason}: {message}")
         self.event(p, reason if reason != Reason.SUCCEEDED.value else "Completed", message, warning=not ok)
         self.api.flush_one(p)
+
+    def begin(self, p: OperationProgress, message: Callable[[dict], str],
+              request: Callable[[dict], Request]) -> bool:
+        """What every kind does first: a fresh read (``_read``), InProgress with message(params), and the
+        request(params) queued — after one more fresh read if a restart came between. True once, when the
+        request has just been queued (step SUBMITTED); False while it cannot be yet, or never will."""
+        read_now = p.step == ACCEPTED
+        if p.step == ACCEPTED:
+            if not self._read(p):
+                return False
+            self.start_operation(p, message(p.params), SUBMITTING)
+        if p.step != SUBMITTING:
+            return False
+        if self.spool.state(p.require_request_id()) is None:
+            if p.gone or not (read_now or self._read(p)):  # the InProgress write may have found it gone
+                self._never_started(p)
+                return False
+            self.spool.submit(request(p.params))
+        p.step = SUBMITTED
+        self.store.save(p)
+        return True
+
+    def _read(self, p: OperationProgress) -> bool:
+        """The operation as the server has it now: its generation and checked parameters (OpsError when they
+        are invalid: the operation fails). False when it cannot be read now, or is gone."""
+        op = self.fresh(p)
+        if op is None:
+            self._never_started(p)
+            return False
+        p.generation = mop.generation(op)
+        p.params = mop.check_parameters(op, self.cfg.allow_insecure_http)
+        self.store.save(p)
+        if p.want and p.want.get("phase") == mop.IN_PROGRESS and p.want.get("observedGeneration") != p.generation:
+            self.set_want(p, mop.IN_PROGRESS, mop.REASON_IN_PROGRESS, p.want["message"])
+        return True
+
+    def _never_started(self, p: OperationProgress) -> None:
+        if p.gone and p.step != DONE:  # deleted before it started: it never starts
+            log.info(f"{p.kind} {p.name} was deleted before it started: not running it")
+            p.step = DONE
+            self.store.save(p)
 
     def start_operation(self, p: OperationProgress, message: str, next_step: str) -> None:
         """InProgress (one write attempt now, so it shows before the host acts; never waited on), and the
@@ -296,8 +350,10 @@ class Watcher:
         """A reset someone else asked for waits before removing the agent: let it go once everything this
         agent has to say (the operations that reset superseded, above all) is on the server."""
         mine = {p.request_id for p in self.progress.values() if p.request_id}
+        # A result that came in after this pass drove its operation (one the reset superseded) is not reported yet.
+        unread = any(not p.done and p.request_id and self.spool.result(p.request_id) for p in self.progress.values())
         for gate in self.spool.open_gates():
-            if gate.id not in mine and self.all_reported_except():
+            if gate.id not in mine and not unread and self.all_reported_except():
                 log.info(f"reset {gate.id} removes the agent next: everything is reported")
                 self.spool.ack(gate.id)
 
@@ -310,6 +366,10 @@ class Watcher:
         for u in list(self.api.pending_written):
             if u not in self.cache:
                 del self.api.pending_written[u]
+        for u in list(self.api.refused):
+            if u not in self.cache:
+                del self.api.refused[u]
+        self.api.recorder.forget(set(self.cache) | set(self.progress))
 
 
 def ready_grace(cfg: Config) -> float:
