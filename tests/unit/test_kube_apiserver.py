@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import kube_admission
 import kube_apiserver
 import pytest
 import urllib3
@@ -33,6 +34,7 @@ CRD_PATH = MANIFESTS / "crd-machineoperations.yaml"
 RBAC_PATH = MANIFESTS / "rbac.yaml"
 UPGRADE_EXAMPLE = MANIFESTS / "examples" / "upgrade-agent-worker-01.yaml"
 RESET_EXAMPLE = MANIFESTS / "examples" / "reset-agent-worker-01.yaml"
+POOL_EXAMPLE = MANIFESTS / "examples" / "upgrade-agent-pool-blue.yaml"
 AGENT_GROUP = "unbounded-agent-daemons"
 REPO_BIN = MANIFESTS.parents[1] / "bin"
 
@@ -253,12 +255,17 @@ def test_examples_are_valid_operations():
     assert upgrade["spec"]["ttlSecondsAfterFinished"] > 0
     assert (reset["metadata"]["name"], reset["spec"]) == ("reset-agent-worker-01",
                                                           {"machineRef": "worker-01", "operationKind": "AgentReset"})
+    pool, = load(POOL_EXAMPLE)
+    assert set(pool["spec"]) == {"machineSelector", "operationKind", "parameters", "ttlSecondsAfterFinished"}
+    assert set(pool["spec"]["parameters"]) == {"downloadURL", "sha256", "canaryCount", "maxInFlight", "failureBudget"}
+    assert all(isinstance(v, str) for v in pool["spec"]["parameters"].values())
     [crd] = load(CRD_PATH)
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    for example in (upgrade, reset):
+    for example in (upgrade, reset, pool):
         errors = []
         kube_apiserver.validate(schema["properties"]["spec"], example["spec"], "spec", errors)
         assert errors == []
+        assert kube_admission.crd_rule_failures(schema, example, None) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
