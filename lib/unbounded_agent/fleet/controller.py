@@ -138,8 +138,7 @@ class Controller:
             if not mop.is_terminal(parent):
                 return self.fail(parent, e)
             w, params = rollout.Waves(), {}
-        sel = (parent.get("spec") or {}).get("machineSelector") or {}
-        matched = sorted(name for name, lab in labels.items() if selector.matches(sel, lab))
+        matched = self.matched(parent, labels)
         gone = self.confirm_gone(parent, kids)
         v = rollout.view(parent, matched, kids, gone)
         d = rollout.decide(parent, v, w)
@@ -163,6 +162,16 @@ class Controller:
             if not v.in_flight:
                 self.let_go(parent)
             self.expire(parent)
+
+    @staticmethod
+    def matched(parent: dict, labels: dict[str, dict]) -> list[str]:
+        """The Machines the parent's selector matches now, in name order (none for a selector that is not one)."""
+        sel = (parent.get("spec") or {}).get("machineSelector") or {}
+        try:
+            selector.check(sel)
+        except OpsError:
+            return []
+        return sorted(name for name, lab in labels.items() if selector.matches(sel, lab))
 
     def confirm_gone(self, parent: dict, kids: dict[str, dict]) -> set[str]:
         """Recorded machines whose child the cache lacks: read each; those the server lacks too are gone (the
@@ -253,12 +262,7 @@ class Controller:
         """The parent is being deleted: withdraw what has not started, wait for what runs, then let it go."""
         if children.FINALIZER not in (parent["metadata"].get("finalizers") or []):
             return
-        sel = (parent.get("spec") or {}).get("machineSelector") or {}
-        try:
-            selector.check(sel)
-            matched = sorted(name for name, lab in labels.items() if selector.matches(sel, lab))
-        except OpsError:
-            matched = []
+        matched = self.matched(parent, labels)
         gone = self.confirm_gone(parent, kids)
         v = rollout.view(parent, matched, kids, gone)
         d = rollout.decide_deleted(parent, v)
