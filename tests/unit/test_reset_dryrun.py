@@ -88,7 +88,7 @@ def test_every_step_in_order_with_what_it_would_do_and_nothing_changes(host):
     assert [i["what"] for i in by["remove-nspawn-config"]["items"]] == ["file /etc/systemd/nspawn/kube1.nspawn"]
     assert [i["what"] for i in by["remove-machine-trees"]["items"]] == ["machine tree /var/lib/machines/kube2"]
     assert [(i["what"], i["action"]) for i in by["remove-agent"]["items"]] == [
-        ("directory /var/lib/unbounded-agent", "remove"), ("file /var/lib/unbounded-agent/bin/unbounded-agent-blue", "remove")]
+        ("file /var/lib/unbounded-agent/bin/unbounded-agent-blue", "remove"), ("directory /var/lib/unbounded-agent", "remove")]
     assert [(i["what"], i["action"]) for i in by["stop-daemon"]["items"]] == [
         (f"running unit {DAEMON}", "stop"), (f"enabled unit {DAEMON}", "disable")]
     assert by["reload-systemd"]["items"] == []

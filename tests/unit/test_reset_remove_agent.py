@@ -112,10 +112,17 @@ def test_the_agents_files_go_and_the_daemon_keeps_running(host):
     assert os.listdir(root / "usr/local/bin") == ["kubectl"]
     assert os.listdir(root / "etc/systemd/system") == ["other.service"]
     assert "file /usr/local/bin/unbounded-agent-blue" in report.removed
-    # the binaries go last: a daemon restarted while the step runs still finds them
+    # state first; the config and the binaries last, so a daemon restarted while the step runs still starts
     files = [r for r in report.removed if r.split()[0] in ("file", "directory", "link")]
-    assert files[0] == "directory /var/lib/unbounded-agent" and files[-2:] == [
-        "file /usr/local/bin/unbounded-agent-blue", "file /usr/local/bin/.unbounded-agent-current.tmp-9f9f"]
+    assert files == [
+        "file /var/lib/unbounded-agent/upgrade.json",
+        f"file /etc/systemd/system/{DAEMON}", f"directory /etc/systemd/system/{DAEMON}.d",
+        "directory /etc/unbounded/agent",
+        "file /usr/local/bin/unbounded-agent-blue", "file /usr/local/bin/.unbounded-agent-current.tmp-9f9f",
+        "link /var/lib/unbounded-agent/bin/unbounded-agent-current", "file /var/lib/unbounded-agent/bin/unbounded-agent-blue",
+        "file /var/lib/unbounded-agent/bin/unbounded-agent-green",
+        "file /var/lib/unbounded-agent/bin/.unbounded-agent-current.tmp-1a2b",
+        "directory /var/lib/unbounded-agent"]  # the state dir that held the default bin dir, once empty of the agent
 
 
 def test_running_it_again_changes_nothing_and_succeeds(host):
@@ -188,8 +195,8 @@ def test_the_plan_lists_units_to_stop_and_disable_and_the_files(host):
     plan = [(i.what, i.action) for i in remove_agent.STEP.plan(ctx)]
     assert plan == [("running unit unbounded-upgrade-stage@r1.service", "stop"),
                     ("enabled unit unbounded-agent-daemon-recovery.service", "disable"),
-                    ("directory /var/lib/unbounded-agent", "remove"),
-                    ("file /var/lib/unbounded-agent/bin/unbounded-agent-blue", "remove")]
+                    ("file /var/lib/unbounded-agent/bin/unbounded-agent-blue", "remove"),
+                    ("directory /var/lib/unbounded-agent", "remove")]
     assert host.units.calls == [] and (host.root / "var/lib/unbounded-agent/bin/unbounded-agent-blue").exists()
 
 

@@ -70,12 +70,32 @@ def binary_paths(ctx) -> list[str]:
 
 def agent_file_paths(ctx) -> list[str]:
     """Everything of the agent on disk, in the order it is removed: its state and unit files, then what a
-    restarted daemon needs to start and report (its config with the kubeconfig, its binaries)."""
-    return list(dict.fromkeys([*state_paths(ctx), *agent_unit_files(), *last_paths(ctx)]))
+    restarted daemon needs to start and report (its config with the kubeconfig, its binaries), then the
+    state directories that held the bin dir."""
+    first, holders = [], []
+    for d in state_paths(ctx):
+        inner = [b for b in ctx.bin_dirs if b.startswith(d.rstrip("/") + "/")]
+        if not inner:
+            first.append(d)
+            continue
+        # The bin dir is in this state dir (the default): its other entries go first, the dir itself last.
+        keep = {b[len(d.rstrip("/")) + 1:].split("/", 1)[0] for b in inner}
+        first += [f"{d.rstrip('/')}/{n}" for n in _entries(ctx, d) if n not in keep]
+        holders.append(d)
+    return list(dict.fromkeys([*first, *agent_unit_files(), *last_paths(ctx), *holders]))
 
 
 def last_paths(ctx) -> list[str]:
     return [DEFAULT_CONFIG_DIR, *ctx.config_files, *binary_paths(ctx)]
+
+
+def _entries(ctx, d: str) -> list[str]:
+    try:
+        return sorted(os.listdir(ctx.p(d)))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot list {d}: {e.strerror}") from None
 
 
 def compat_is_ours(path: str, bin_dir: str) -> bool:
