@@ -162,9 +162,20 @@ class _UnspecFallbackKernel:
 
 def test_a_kernel_without_ipv6_has_an_empty_ipv6_inventory(monkeypatch, tmp_path):
     monkeypatch.setattr(routing, "_ipr", _UnspecFallbackKernel)
-    monkeypatch.setattr(routing, "IPV6_PROC", str(tmp_path / "no-such-dir"))  # what ipv6.disable=1 leaves
+    (tmp_path / "net" / "ipv4").mkdir(parents=True)  # what ipv6.disable=1 leaves in /proc/sys/net: no ipv6
+    monkeypatch.setattr(routing, "IPV6_PROC", str(tmp_path / "net" / "ipv6"))
     assert [e.describe() for e in routing.inventory()] == [
         "rule ipv4 pref 100 from all lookup 51820", "route ipv4 table 51820 blackhole 10.244.9.0/0"]
+
+
+def test_a_kernel_whose_sysctls_cannot_be_seen_is_not_taken_for_one_without_ipv6(monkeypatch, tmp_path):
+    from unbounded_agent.reasons import OpsError, Reason
+
+    monkeypatch.setattr(routing, "_ipr", _UnspecFallbackKernel)
+    monkeypatch.setattr(routing, "IPV6_PROC", str(tmp_path / "no-proc" / "ipv6"))
+    with pytest.raises(OpsError) as e:
+        routing.inventory()
+    assert e.value.reason is Reason.INVENTORY_FAILED
 
 
 def test_entries_of_another_family_in_a_dump_are_never_taken_for_ipv6(monkeypatch):

@@ -21,7 +21,7 @@ import socket
 from ..reasons import OpsError, Reason, describe_error
 
 TABLE_FIRST, TABLE_LAST = 51820, 51899
-FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+FAMILIES: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 # rtm_type values worth naming in a description (linux/rtnetlink.h)
 _ROUTE_TYPES = {2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
 # Attributes the kernel reports but refuses (or ignores) in a request.
@@ -36,8 +36,14 @@ IPV6_PROC = "/proc/sys/net/ipv6"
 
 
 def families() -> dict[int, str]:
-    """The address families this kernel routes: IPv4, and IPv6 unless it was disabled at boot."""
-    return {f: n for f, n in FAMILIES.items() if f != socket.AF_INET6 or os.path.isdir(IPV6_PROC)}
+    """The address families this kernel routes: IPv4, and IPv6 unless it was disabled at boot (its sysctl
+    directory is then missing, beside IPv4's). Where neither can be seen, nothing can be told: an error."""
+    if os.path.isdir(IPV6_PROC):
+        return dict(FAMILIES)
+    if not os.path.isdir(os.path.join(os.path.dirname(IPV6_PROC), "ipv4")):
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot tell whether this kernel has IPv6: neither {IPV6_PROC} "
+                                                "nor its IPv4 sibling can be seen")
+    return {f: n for f, n in FAMILIES.items() if f != socket.AF_INET6}
 
 
 @dataclasses.dataclass

@@ -1,6 +1,8 @@
 """``unbounded-agent-reset-finish.service``, last unit of phase 2: verify every step of this run succeeded and
-a fresh inventory finds nothing left — the daemon included — then remove the "resetting" checkpoint (last,
-so that an unfinished reset is always resumed)."""
+nothing is left — then remove the "resetting" checkpoint (last, so that an unfinished reset is always
+resumed). The inventory of steps 1–6 was taken fresh by ``verify`` at the end of phase 1, under the same
+lock; what can change after it is taken again here: the daemon (stop-daemon) and the agent's files (a
+daemon restarted in between makes its state directory again)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ class Finish(Step):
     verify_after = False
 
     def work(self, ctx, directory, run_id, rec):
-        from . import work_steps
+        from . import by_name, work_steps
 
-        problems = check_steps(work_steps(), ctx, directory, run_id)
+        again = [by_name("remove-agent"), by_name("stop-daemon")]
+        problems = check_steps(work_steps(), ctx, directory, run_id, inventory=again)
         if problems:
             raise OpsError(Reason.RESET_INCOMPLETE, "reset incomplete: " + "; ".join(problems))
         for name in (CHECKPOINT, REQUEST):
