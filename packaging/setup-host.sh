@@ -12,6 +12,8 @@ packages=(
   python3-pystemd python3-pyroute2 python3-requests python3-kubernetes python3-yaml
   # the systemd test host
   systemd-container debootstrap openssl iproute2 util-linux
+  # a btrfs /var/lib/machines for the reset tests (a loop-mounted image)
+  btrfs-progs
 )
 
 missing=()

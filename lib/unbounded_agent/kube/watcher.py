@@ -28,8 +28,8 @@ from ..config import Config
 from ..queue.spool import Request, Spool
 from ..reasons import OpsError, Reason
 from ..version import VERSION
+from . import adoption, mop, reset_driver, upgrade_driver
 from . import client as kubeclient
-from . import mop, reset_driver, upgrade_driver
 from .listwatch import WATCH_TIMEOUT, ListWatch, rv_newer
 from .progress import ACCEPTED, DONE, SUBMITTED, SUBMITTING, OperationProgress, ProgressStore
 from .status import ApiWriter
@@ -188,6 +188,8 @@ class Watcher:
                                        f"{' and '.join(sorted(mop.HANDLED))}"))
                 continue
             if mop.phase(op) == mop.IN_PROGRESS:
+                if adoption.adopt(self, op):  # the host's queue still knows it: follow it from there
+                    continue
                 # InProgress on the server but never claimed here: this host's state was lost (or another agent
                 # used this machine name). Running it now could run it twice: fail it, visibly.
                 self.claim(op, failed=(Reason.EXECUTION_FAILED,
@@ -378,10 +380,13 @@ def ready_grace(cfg: Config) -> float:
     return min(cfg.ready_without_api_seconds, cfg.ready_timeout_seconds / 2)
 
 
-def run_standalone(cfg: Config, stop: threading.Event, notify) -> None:
+def run_standalone(cfg: Config, stop: threading.Event, notify, spool: Spool | None = None) -> None:
     """No cluster configured (no kubeconfig, not in a pod): nothing to watch. Stay up, ready and quiet, so
-    that the host-side operations (`unbounded-agent upgrade`, probation) work without a cluster."""
+    that the host-side operations (`unbounded-agent upgrade`, probation) work without a cluster — and let
+    a reset's gate go at once: there is nothing to report."""
     notify(READY=1, STATUS=f"unbounded-agent {VERSION}: no cluster configured (kubeconfig unset, not in a pod); "
                            "not watching MachineOperations")
     log.info("no kubeconfig configured and no in-cluster service account: not watching MachineOperations")
-    stop.wait()
+    spool = spool or Spool()
+    while not stop.wait(TICK):
+        reset_driver.let_gates_go(spool)

@@ -8,9 +8,11 @@ its result; removes the request. It exits when nothing waits: the path unit star
 request, also for one that arrived while it was exiting (systemd checks the directory again when the
 service stops).
 
-A reset that is about to remove the agent first gives every request queued behind it a ``Superseded``
-result, and, when its requester asked for it (the watcher, which reports ``Complete`` first), waits at a
-gate until the requester has reported.
+A reset whose every step that can fail has succeeded (the agent's files are gone; only its daemon still
+runs) first gives every request queued behind it a ``Superseded`` result, and, when its requester asked for
+it (the watcher, which reports ``Complete`` there), waits at a gate until the requester has reported —
+or can no longer report (the daemon has no process: it cannot start again without its files) — before it
+stops the daemon.
 """
 
 from __future__ import annotations
@@ -150,15 +152,16 @@ def _converge_orphan(cfg, spool: Spool) -> None:
 def _run_reset(spool: Spool, req: Request, result: Result) -> None:
     from ..reset import api
 
-    def before_removal(phase1: api.PhaseOutcome) -> None:
+    def before_daemon_stops(phase1: api.PhaseOutcome) -> None:
         superseded = supersede(spool, req)
-        # The watcher reports before the agent goes: its own reset, and the operations this one superseded.
+        # The watcher reports before its daemon stops: its own reset, and the operations this one superseded.
         if req.report_gate or any(r.source == "machineoperation" for r in superseded):
             _wait_at_gate(spool, req, phase1)
+        holdpoint.hold(spool.root, "reset-gate-passed")
 
-    outcome = api.run(api.Spec(id=req.id, operation=req.name, all_wg=req.all_wg), before_removal)
+    outcome = api.run(api.Spec(id=req.id, operation=req.name, all_wg=req.all_wg), before_daemon_stops)
     if len(outcome.phases) > 1 or outcome.succeeded:
-        supersede(spool, req)  # requests that arrived while the agent was being removed
+        supersede(spool, req)  # requests that arrived while the daemon was being stopped
     result.succeeded, result.reason, result.message, result.step = (outcome.succeeded, outcome.reason,
                                                                     outcome.message, outcome.step)
 
@@ -178,18 +181,22 @@ def supersede(spool: Spool, reset: Request) -> list[Request]:
     return done
 
 
+GATE_MESSAGE = "AgentReset completed: {what} (its daemon stops next)"
+
+
 def _wait_at_gate(spool: Spool, req: Request, phase1) -> None:
-    """Let the requester report before the agent goes; stop waiting when it cannot (its daemon is gone)."""
+    """Let the requester report before its daemon stops; stop waiting when it cannot (no daemon process)."""
+    from ..reset import api
+
     steps = [{"step": s.step, "number": s.number, "result": "succeeded" if s.succeeded else "failed",
               "removed": s.removed} for s in phase1.steps if s.number]
-    spool.open_gate(Gate(id=req.id, steps=steps,
-                         message="AgentReset: machines, links, keys, nspawn config, machine trees and routing removed; "
-                                 "the agent removes itself next"))
-    log.info(f"reset {req.name}: waiting for its requester to report before the agent is removed")
+    spool.open_gate(Gate(id=req.id, steps=steps, message=GATE_MESSAGE.format(what=api.COMPLETE)))
+    log.info(f"reset {req.name}: waiting for its requester to report before the daemon stops")
     next_log = time.monotonic() + GATE_LOG_SECONDS
     while not spool.acked(req.id):
-        if _daemon_gone():
-            log.warn(f"reset {req.name}: the daemon that would report it is not running; going on")
+        if not _daemon_can_report():
+            log.warn(f"reset {req.name}: the daemon that would report it has no process (its files are gone: it "
+                     "cannot start again); going on")
             return
         if time.monotonic() >= next_log:
             log.info(f"reset {req.name}: still waiting for its requester to report (the API server may be down)")
@@ -197,9 +204,9 @@ def _wait_at_gate(spool: Spool, req: Request, phase1) -> None:
         time.sleep(GATE_POLL_SECONDS)
 
 
-def _daemon_gone() -> bool:
+def _daemon_can_report() -> bool:
     try:
         st = systemd.unit_state(systemd.DAEMON_UNIT)
     except systemd.SystemdError:
-        return False
-    return st["active_state"] in ("inactive", "failed") and not st["job"]
+        return True  # cannot tell now: keep waiting (and asking)
+    return systemd.running(st) and bool(st.get("main_pid"))

@@ -37,7 +37,8 @@ def run_step(step: Step, directory: Path | None = None, **ctx_overrides) -> Step
     started, t0 = records.now(), time.monotonic()
     try:
         checkpoint = step.checkpoint(directory, rec)
-        ctx = context_from(checkpoint.recorded, all_wg=checkpoint.all_wg, **ctx_overrides)
+        ctx = context_from(checkpoint.recorded, all_wg=checkpoint.all_wg, directory=str(directory),
+                           tables=tuple(checkpoint.tables), **ctx_overrides)
         holdpoint.hold(directory, f"reset-{step.name}")
         step.work(ctx, directory, checkpoint.run_id, rec)
     except OpsError as e:
