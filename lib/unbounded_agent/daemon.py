@@ -71,7 +71,7 @@ def start_watchdog(alive, stop: threading.Event, notify=systemd.notify) -> threa
 # checks the list against the code).
 PRELOAD = ("config", "fsutil", "log", "records", "reasons", "systemd", "urls", "version", "queue.spool",
            "upgrade.record", "kube.adoption", "kube.client", "kube.listwatch", "kube.mop", "kube.progress",
-           "kube.reset_driver", "kube.status", "kube.upgrade_driver", "kube.watcher")
+           "kube.events", "kube.reset_driver", "kube.status", "kube.upgrade_driver", "kube.watcher")
 
 
 def preload() -> None:

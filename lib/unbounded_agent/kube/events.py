@@ -34,9 +34,11 @@ class EventJournal:
 
 
 class Recorder:
-    def __init__(self, kube: Callable[[], kubeclient.Kube], machine: str, directory: str | Path):
+    def __init__(self, kube: Callable[[], kubeclient.Kube], machine: str, directory: str | Path,
+                 on_disk: Callable[[], bool] = lambda: True):
         self.kube = kube
         self.machine = machine
+        self.on_disk = on_disk  # False once a reset removed the agent's state: the journal stays in memory
         self.path = Path(directory) / "journal.json"
         try:
             self.journal = records.load(EventJournal, self.path) or EventJournal()
@@ -51,7 +53,8 @@ class Recorder:
         return self.journal.pending
 
     def _save(self) -> None:
-        records.save(self.journal, self.path, mode=0o600)
+        if self.on_disk():  # never make the agent's state directory again
+            records.save(self.journal, self.path, mode=0o600)
 
     def add(self, op: dict, reason: str, message: str, warning: bool = False) -> None:
         """An Event on op, written by the next flush (or counted into the same one still waiting)."""

@@ -86,16 +86,17 @@ class ProgressStore:
 
     def save(self, p: OperationProgress) -> None:
         p.updated_at = records.now()
-        if self._gone():
+        if self.gone():
             return
         records.save(p, self.path(p.uid), mode=0o600)
         self._seen = True
 
     def remove(self, uid: str) -> None:
-        if not self._gone():
+        if not self.gone():
             self.path(uid).unlink(missing_ok=True)
 
-    def _gone(self) -> bool:
+    def gone(self) -> bool:
+        """Whether the agent's state directory went (a reset removed it): from then on nothing is written."""
         if not self.in_memory and self._seen and not self.dir.parent.is_dir():
             log.info(f"{self.dir.parent} is gone (a reset removed the agent's files): the progress of operations "
                      "is kept in memory from now on")
