@@ -27,8 +27,8 @@ def drive(w, p: OperationProgress) -> None:
                     w.store.save(p)
                 return
             mop.check_parameters(op, w.cfg.allow_insecure_http)
-            w.spool.submit(Request(id=p.require_request_id(), kind="reset", operation=p.operation, source="machineoperation",
-                                   report_gate=True))
+            w.spool.submit(Request(id=p.require_request_id(), kind="reset", operation=p.operation, uid=p.uid,
+                                   source="machineoperation", report_gate=True))
         p.step = SUBMITTED
         w.store.save(p)
         w.event(p, "ResetStarted", f"queued the reset (request {p.request_id})")

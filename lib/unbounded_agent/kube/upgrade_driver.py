@@ -29,7 +29,8 @@ def drive(w, p: OperationProgress) -> None:
                     w.store.save(p)
                 return  # the server cannot be read now: ask again on the next pass
             params = p.params = mop.check_parameters(op, w.cfg.allow_insecure_http)  # act on what the server has now
-            w.spool.submit(Request(id=p.require_request_id(), kind="upgrade", operation=p.operation, source="machineoperation",
+            w.spool.submit(Request(id=p.require_request_id(), kind="upgrade", operation=p.operation, uid=p.uid,
+                                   source="machineoperation",
                                    url=params["downloadURL"], sha256=params.get("sha256"), force=bool(params.get("force"))))
         p.step = SUBMITTED
         w.store.save(p)

@@ -34,6 +34,7 @@ from .status import ApiWriter
 TICK = 1.0
 MAX_UNEXPECTED_ERRORS = 60  # passes (about a minute) of unexpected errors before an operation is failed
 DRIVERS = {mop.AGENT_UPGRADE: upgrade_driver, mop.AGENT_RESET: reset_driver}
+HOST_KINDS = {mop.AGENT_UPGRADE: "upgrade", mop.AGENT_RESET: "reset"}  # the kind of the request each queues
 
 
 class Watcher:
@@ -206,6 +207,11 @@ class Watcher:
         u, name, k = mop.uid(op), mop.name(op), mop.kind(op)
         p = OperationProgress(uid=u, name=name, kind=k, claimed_at=mop.now(), operation=f"{name}@{u[:8]}",
                               params=params or {})
+        with tagged(p):
+            return self._claim(p, failed)
+
+    def _claim(self, p: OperationProgress, failed: tuple | None) -> OperationProgress:
+        u, name, k = p.uid, p.name, p.kind
         self.api.pending_written.pop(u, None)
         self.progress[u] = p
         if failed:
@@ -236,7 +242,8 @@ class Watcher:
         p.finished_at = mop.now()
         self.set_want(p, phase, reason, message)
         ok = phase == mop.COMPLETE
-        (log.info if ok else log.error)(f"{p.kind} {p.name} {phase}: {reason}: {message}")
+        (log.info if ok else log.error)(f"{p.kind} {p.name} {phase}: {reason}: {message}",
+                                        result="succeeded" if ok else "failed", reason=reason)
         self.event(p, reason if reason != Reason.SUCCEEDED.value else "Completed", message, warning=not ok)
         self.api.flush_one(p)
 
@@ -247,6 +254,7 @@ class Watcher:
 
         p.step = next_step
         p.request_id = p.request_id or new_id("mop")
+        log.bind(request=p.request_id)  # inside the operation's log.context: for its lines only
         self.set_want(p, mop.IN_PROGRESS, mop.REASON_IN_PROGRESS, message)
         self.api.flush_one(p)
 
@@ -272,6 +280,10 @@ class Watcher:
         """The operation's driver, with its errors mapped: an OpsError is the operation's failure; anything
         else (a bug, the state dir unwritable) is retried on the next passes, and fails the operation only
         if it persists."""
+        with tagged(p):
+            self._drive_tagged(p)
+
+    def _drive_tagged(self, p: OperationProgress) -> None:
         try:
             DRIVERS[p.kind].drive(self, p)
             self.errors.pop(p.uid, None)
@@ -310,6 +322,11 @@ class Watcher:
         for u in list(self.api.pending_written):
             if u not in self.cache:
                 del self.api.pending_written[u]
+
+
+def tagged(p: OperationProgress):
+    """The journal's fields of operation p (log.context) for what the watcher logs about it."""
+    return log.context(operation=p.operation, uid=p.uid, kind=HOST_KINDS.get(p.kind, p.kind), request=p.request_id)
 
 
 def ready_grace(cfg: Config) -> float:

@@ -30,6 +30,7 @@ class Spec:
     id: str
     operation: str
     all_wg: bool = False
+    uid: str = ""  # the MachineOperation's, when one asked for it
 
 
 @dataclasses.dataclass
@@ -65,7 +66,7 @@ class Outcome:
 
 
 def run(spec: Spec, before_removal: Callable[[PhaseOutcome], None] = lambda phase1: None) -> Outcome:
-    write_request(ResetRequest(run_id=spec.id, all_wg=spec.all_wg, requested_by=spec.operation))
+    write_request(ResetRequest(run_id=spec.id, all_wg=spec.all_wg, requested_by=spec.operation, uid=spec.uid))
     wait_until_no_step_runs(spec.id)
     phase1 = run_phase(1, spec.id)
     if not phase1.succeeded:
