@@ -74,11 +74,12 @@ def run(spool: Spool | None = None) -> None:
             continue
         with log.context(operation=req.name, request=req.id, uid=req.uid, kind=req.kind):
             result = dispatch(cfg, cfg_error, spool, path, req)
-            finish(cfg, spool, path, result)
+            # said before the result is written, so the journal tells it before its requester reports it
             (log.info if result.succeeded else log.error)(
                 f"{result.describe()} (queued {result.queued_seconds} s, ran {result.seconds} s)",
                 result="succeeded" if result.succeeded else "failed", reason=result.reason,
                 from_version=result.from_version, to_version=result.to_version)
+            finish(cfg, spool, path, result)
 
 
 def finish(cfg, spool: Spool, path, result: Result) -> None:
