@@ -71,7 +71,7 @@ def start_watchdog(alive, stop: threading.Event, notify=systemd.notify) -> threa
 # checks the list against the code).
 PRELOAD = ("config", "fsutil", "log", "records", "reasons", "systemd", "urls", "version", "queue.spool",
            "upgrade.record", "kube.adoption", "kube.client", "kube.listwatch", "kube.mop", "kube.progress",
-           "kube.events", "kube.reset_driver", "kube.status", "kube.upgrade_driver", "kube.watcher")
+           "kube.events", "kube.reset_driver", "kube.standalone", "kube.status", "kube.upgrade_driver", "kube.watcher")
 
 
 def preload() -> None:
@@ -84,7 +84,7 @@ def preload() -> None:
 def run(cfg: Config) -> int:
     preload()
     from .kube import client as kubeclient
-    from .kube import watcher
+    from .kube import standalone, watcher
 
     stop = threading.Event()
 
@@ -97,7 +97,7 @@ def run(cfg: Config) -> int:
     log.info(f"version {VERSION} starting for machine {cfg.machine_name}")
     if not kubeclient.configured(cfg.kubeconfig):
         start_watchdog(lambda _max_age: True, stop)
-        watcher.run_standalone(cfg, stop, systemd.notify)
+        standalone.run_standalone(cfg, stop, systemd.notify)
     else:
         w = watcher.Watcher(cfg, notify=systemd.notify)
         start_watchdog(lambda max_age: time.monotonic() - w.heartbeat < max_age, stop)

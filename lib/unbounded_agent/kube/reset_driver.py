@@ -23,7 +23,7 @@ def drive(w, p: OperationProgress) -> None:
     if p.step in (ACCEPTED, SUBMITTING):  # the fresh read, InProgress and the request: as every kind (w.begin)
         if not w.begin(p, lambda params: "resetting unbounded agent",
                        lambda params: Request(id=p.require_request_id(), kind="reset", operation=p.operation,
-                                              source="machineoperation", report_gate=True)):
+                                              uid=p.uid, source="machineoperation", report_gate=True)):
             return
         w.event(p, "ResetStarted", f"queued the reset (request {p.request_id})")
     if p.step == SUBMITTED:

@@ -32,7 +32,22 @@ GATE_LOG_SECONDS = 60.0
 
 def main(argv: list[str] | None = None) -> int:
     program.parser("unbounded-agent-dispatch", __doc__).parse_args(argv)
+    preload()
     return program.run("unbounded-agent-dispatch", run, config=False)
+
+
+def preload() -> None:
+    """Import now everything a run may need: a package upgrade that replaces the library while this
+    dispatcher runs an operation must not hand it half old and half new modules (it finishes with the code
+    it started with; the next dispatcher runs the new one)."""
+    from .. import config, layout, urls  # noqa: F401
+    from ..reset import api as reset_api  # noqa: F401
+    from ..reset.steps import all_steps
+    from ..upgrade import api as upgrade_api  # noqa: F401
+    from ..upgrade import record, resume  # noqa: F401
+    from . import metrics  # noqa: F401
+
+    all_steps()
 
 
 def run(spool: Spool | None = None) -> None:
@@ -55,14 +70,29 @@ def run(spool: Spool | None = None) -> None:
         path, req = entry
         if req is None or req.kind not in ("upgrade", "rollback", "reset"):
             rid = path.name.split("-", 1)[1].rsplit(".", 1)[0]
-            spool.finish(path, Result(id=rid, kind=getattr(req, "kind", "?"), operation=rid, source="?", succeeded=False,
-                                      reason=Reason.INVALID_PARAMETERS.value, message=f"unreadable request {path.name}",
-                                      finished_at=records.now()))
+            finish(cfg, spool, path, Result(id=rid, kind=getattr(req, "kind", "?"), operation=rid, source="?",
+                                            succeeded=False, reason=Reason.INVALID_PARAMETERS.value,
+                                            message=f"unreadable request {path.name}", finished_at=records.now()))
             continue
-        result = dispatch(cfg, cfg_error, spool, path, req)
-        spool.finish(path, result)
-        (log.info if result.succeeded else log.error)(f"{result.describe()} "
-                                                        f"(queued {result.queued_seconds} s, ran {result.seconds} s)")
+        with log.context(operation=req.name, request=req.id, uid=req.uid, kind=req.kind):
+            result = dispatch(cfg, cfg_error, spool, path, req)
+            # said before the result is written, so the journal tells it before its requester reports it
+            (log.info if result.succeeded else log.error)(
+                f"{result.describe()} (queued {result.queued_seconds} s, ran {result.seconds} s)",
+                result="succeeded" if result.succeeded else "failed", reason=result.reason,
+                from_version=result.from_version, to_version=result.to_version)
+            finish(cfg, spool, path, result)
+
+
+def finish(cfg, spool: Spool, path, result: Result) -> None:
+    """Write the result, remove its request, and count it in the metrics (which never fail an operation)."""
+    from . import metrics
+
+    spool.finish(path, result)
+    try:
+        metrics.count(cfg, result, spool.root)
+    except Exception as e:  # e.g. the textfile directory is read-only: say so, go on
+        log.warn(f"cannot update the metrics: {type(e).__name__}: {e}")
 
 
 def dispatch(cfg, cfg_error: OpsError | None, spool: Spool, path, req: Request) -> Result:
@@ -119,7 +149,7 @@ def _run_upgrade(cfg, req: Request, result: Result) -> None:
     from ..upgrade import api
 
     rec = api.run(cfg, api.Spec(id=req.id, operation=req.name, kind=req.kind, url=req.url, sha256=req.sha256,
-                                force=req.force))
+                                force=req.force, uid=req.uid))
     result.succeeded = rec.committed
     result.reason = rec.reason_enum().value
     result.message = rec.message or rec.describe()
@@ -138,12 +168,13 @@ def _converge_orphan(cfg, spool: Spool) -> None:
     claimed = spool.claimed()
     if rec is None or (claimed and claimed[1].id == rec.id):
         return
-    log.info(f"found {rec.describe()} with no request: following it to its end first")
-    try:
-        with hostlock.HostLock(rec.id, rec.kind).acquire(wait=LOCK_WAIT_SECONDS):
-            api.follow(Store(cfg), rec.id)
-    except OpsError as e:
-        log.error(f"could not converge {rec.operation}: {e}")
+    with log.context(operation=rec.operation, request=rec.id, uid=rec.uid, kind=rec.kind):
+        log.info(f"found {rec.describe()} with no request: following it to its end first")
+        try:
+            with hostlock.HostLock(rec.id, rec.kind).acquire(wait=LOCK_WAIT_SECONDS):
+                api.follow(Store(cfg), rec.id)
+        except OpsError as e:
+            log.error(f"could not converge {rec.operation}: {e}")
 
 
 # -- reset ----------------------------------------------------------------------------------------------
@@ -159,7 +190,7 @@ def _run_reset(spool: Spool, req: Request, result: Result) -> None:
             _wait_at_gate(spool, req, phase1)
         holdpoint.hold(spool.root, "reset-gate-passed")
 
-    outcome = api.run(api.Spec(id=req.id, operation=req.name, all_wg=req.all_wg), before_daemon_stops)
+    outcome = api.run(api.Spec(id=req.id, operation=req.name, all_wg=req.all_wg, uid=req.uid), before_daemon_stops)
     if len(outcome.phases) > 1 or outcome.succeeded:
         supersede(spool, req)  # requests that arrived while the daemon was being stopped
     result.succeeded, result.reason, result.message, result.step = (outcome.succeeded, outcome.reason,
@@ -172,11 +203,13 @@ def supersede(spool: Spool, reset: Request) -> list[Request]:
     for path, req in spool.pending():
         if req.kind == "reset":
             continue
-        spool.finish(path, Result(id=req.id, kind=req.kind, operation=req.name, source=req.source, succeeded=False,
-                                  reason=Reason.SUPERSEDED.value, submitted_at=req.submitted_at,
-                                  finished_at=records.now(),
-                                  message=f"superseded by reset {reset.name}: the agent is removed from this host"))
-        log.info(f"{req.kind} {req.name} superseded by reset {reset.name}")
+        finish(None, spool, path, Result(id=req.id, kind=req.kind, operation=req.name, source=req.source,
+                                         succeeded=False, reason=Reason.SUPERSEDED.value, submitted_at=req.submitted_at,
+                                         finished_at=records.now(),
+                                         message=f"superseded by reset {reset.name}: the agent is removed from this host"))
+        with log.context(operation=req.name, request=req.id, uid=req.uid, kind=req.kind):
+            log.info(f"{req.kind} {req.name} superseded by reset {reset.name}", result="failed",
+                     reason=Reason.SUPERSEDED.value)
         done.append(req)
     return done
 

@@ -31,6 +31,7 @@ class Spec:
     id: str
     operation: str
     all_wg: bool = False
+    uid: str = ""  # the MachineOperation's, when one asked for it
 
 
 @dataclasses.dataclass
@@ -69,7 +70,7 @@ COMPLETE = "the agent, its machines, links, keys and routing are gone from this 
 
 
 def run(spec: Spec, before_daemon_stops: Callable[[PhaseOutcome], None] = lambda phase1: None) -> Outcome:
-    write_request(ResetRequest(run_id=spec.id, all_wg=spec.all_wg, requested_by=spec.operation))
+    write_request(ResetRequest(run_id=spec.id, all_wg=spec.all_wg, requested_by=spec.operation, uid=spec.uid))
     wait_until_no_step_runs(spec.id)
     phase1 = run_phase(1, spec.id)
     if not phase1.succeeded:

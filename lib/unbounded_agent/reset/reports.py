@@ -35,7 +35,8 @@ def reset_dir() -> Path:
 class ResetRequest:
     run_id: str  # the request id of the operation; every report of the run carries it
     all_wg: bool = False
-    requested_by: str = ""
+    requested_by: str = ""  # the operation's name
+    uid: str = ""  # the MachineOperation's uid, when one asked for it (for the journal's fields)
     requested_at: str = ""
 
 
