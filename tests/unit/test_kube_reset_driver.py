@@ -292,14 +292,14 @@ def test_a_reset_of_an_older_agent_is_failed_with_what_to_do(h):
 def test_complete_is_published_after_the_agents_files_and_state_are_gone(h):
     """At the gate the agent's state directory (this watcher's progress) is gone: the daemon still says
     Complete, acknowledges, and does not make the directory again."""
-    import shutil
+    from unbounded_agent.reset import treeremove
 
     h.start()
     h.create("reset", "AgentReset")
     h.create("up", "AgentUpgrade", downloadURL=URL)  # waits behind the reset; superseded at the gate
     req = h.dispatcher.wait_request(h.operation("reset"))
     wait_for("the request to be recorded", lambda: h.step("reset") == SUBMITTED)
-    shutil.rmtree(h.cfg.state_dir)  # remove-agent
+    treeremove.remove_tree(str(h.cfg.state_dir))  # remove-agent, while the watcher may still write there
     h.dispatcher.open_gate(req)
     wait_for("the ack", lambda: h.dispatcher.acked(req))
     assert h.phase("reset") == "Complete" and h.phase("up") == "Failed"

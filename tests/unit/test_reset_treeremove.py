@@ -242,3 +242,23 @@ def test_btrfs_subvolumes_nested_and_read_only_are_removed(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0] == "directory"
     assert lines[1:] == ["other", lines[2]] and lines[2].endswith("path other")  # only "other" is left
+
+
+def test_a_tree_written_into_while_it_is_removed_is_gone_over_again(tmp_path, monkeypatch):
+    """The daemon still runs while the reset removes its state directory, and may record its progress there."""
+    tree = tmp_path / "state"
+    (tree / "machineoperations").mkdir(parents=True)
+    (tree / "machineoperations" / "a.json").write_text("{}")
+    runs = []
+    real_run = treeremove._Walk.run
+
+    def run_then_a_writer_comes(walk):
+        real_run(walk)
+        if walk.delete:
+            runs.append(walk)
+            if len(runs) == 1:  # right after the first pass emptied it
+                (tree / "late.json").write_text("{}")
+
+    monkeypatch.setattr(treeremove._Walk, "run", run_then_a_writer_comes)
+    assert treeremove.remove_tree(str(tree)) == "directory"
+    assert not tree.exists() and len(runs) == 2

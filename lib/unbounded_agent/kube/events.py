@@ -45,6 +45,7 @@ class Recorder:
         except records.CorruptRecord as e:
             log.warn(f"ignoring {e}")
             self.journal = EventJournal()
+        self._saved = False
         self.written = 0  # Events created or bumped on the server
         self._seq = itertools.count(1)
 
@@ -53,8 +54,16 @@ class Recorder:
         return self.journal.pending
 
     def _save(self) -> None:
-        if self.on_disk():  # never make the agent's state directory again
-            records.save(self.journal, self.path, mode=0o600)
+        if not self.on_disk():  # never make the agent's state directory again
+            return
+        try:
+            if self._saved:
+                self.path.parent.mkdir(mode=0o700, exist_ok=True)  # never its parent: the progress directory
+            records.save(self.journal, self.path, mode=0o600, parents=not self._saved)
+            self._saved = True
+        except FileNotFoundError:  # removed under it (a reset): the progress store learns it on its next write
+            if not self._saved:
+                raise
 
     def add(self, op: dict, reason: str, message: str, warning: bool = False) -> None:
         """An Event on op, written by the next flush (or counted into the same one still waiting)."""

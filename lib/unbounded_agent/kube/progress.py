@@ -88,7 +88,15 @@ class ProgressStore:
         p.updated_at = records.now()
         if self.gone():
             return
-        records.save(p, self.path(p.uid), mode=0o600)
+        try:
+            if self._seen:  # the state directory was there: never make it again (a reset removed it)
+                self.dir.mkdir(mode=0o700, exist_ok=True)
+            records.save(p, self.path(p.uid), mode=0o600, parents=not self._seen)
+        except FileNotFoundError:
+            if not self._seen:
+                raise
+            self._lose()
+            return
         self._seen = True
 
     def remove(self, uid: str) -> None:
@@ -98,7 +106,10 @@ class ProgressStore:
     def gone(self) -> bool:
         """Whether the agent's state directory went (a reset removed it): from then on nothing is written."""
         if not self.in_memory and self._seen and not self.dir.parent.is_dir():
-            log.info(f"{self.dir.parent} is gone (a reset removed the agent's files): the progress of operations "
-                     "is kept in memory from now on")
-            self.in_memory = True
+            self._lose()
         return self.in_memory
+
+    def _lose(self) -> None:
+        log.info(f"{self.dir.parent} is gone (a reset removed the agent's files): the progress of operations is "
+                 "kept in memory from now on")
+        self.in_memory = True

@@ -33,6 +33,7 @@ from ..reasons import OpsError, Reason
 
 MOUNTINFO = "/proc/self/mountinfo"
 MAX_OPEN = 16  # directory descriptors the walk holds at once, however deep the tree
+DELETE_PASSES = 5  # a tree written into while it is removed is gone over again, at most this often
 
 
 def _unescape(field: str) -> str:
@@ -234,7 +235,10 @@ class _Walk:
             if is_dir:
                 d.subdirs.append(entry.name)
             elif self.delete:
-                os.unlink(entry.name, dir_fd=fd)
+                try:
+                    os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass  # a writer renamed its temporary file meanwhile: what it renamed to is gone over again
 
     def _leave(self) -> None:
         top = self.stack[-1]
@@ -308,8 +312,16 @@ def remove_tree(path: str) -> str | None:
     prepare(path)
     with _opened(real) as (parent_fd, fd):
         mnt = _mnt_id(fd)
-        _Walk(fd, path, mnt, _is_btrfs(mnt), delete=True).run()
-        os.rmdir(os.path.basename(real), dir_fd=parent_fd)
+        for attempt in range(1, DELETE_PASSES + 1):
+            try:
+                _Walk(fd, path, mnt, _is_btrfs(mnt), delete=True).run()
+                os.rmdir(os.path.basename(real), dir_fd=parent_fd)
+                break
+            except OSError as e:
+                # Something wrote into the tree while it went (the daemon, still running, records its progress
+                # there until it sees the directory is gone): go over what is left again, a bounded number of times.
+                if e.errno != errno.ENOTEMPTY or attempt == DELETE_PASSES:
+                    raise
         os.fsync(parent_fd)
     return "directory"
 
