@@ -10,8 +10,8 @@ certificate (CN=unbounded-agent:<host>, O=unbounded-agent-daemons), and then, wi
   2. applies an AgentUpgrade to a new release and watches it: Pending → InProgress → Complete;
   3. applies an AgentUpgrade to a release whose daemon crashes and watches it fail with DaemonFailed,
      while the host keeps running the good version;
-  4. applies an AgentReset and watches it complete before the agent removes itself (the dispatcher waits at
-     the reset's gate until the daemon has published Complete, then runs the phase that removes the agent).
+  4. applies an AgentReset and watches it complete once the host is clean but for the running daemon (the
+     dispatcher waits at the reset's gate until the daemon has published Complete, then stops the daemon).
 `kubectl describe mop` tells each story: conditions and Events.
 """
 
@@ -152,8 +152,8 @@ def run(host, say) -> None:
         show(host, ["unbounded-agent", "version"])
         show(host, ["systemctl", "status", "--no-pager", "--lines=0", "unbounded-agent-daemon"])
 
-        say("AgentReset: the steps that leave the daemon running, Complete on the server, then the agent "
-            "removes itself")
+        say("AgentReset: everything that can fail (the agent's own files included) while the daemon runs, "
+            "Complete on the server, then the daemon stops")
         apply(kube, mop(f"reset-agent-{host.name}", host.name, "AgentReset"))
         watch(kube, f"reset-agent-{host.name}")
         wait_until("the daemon to be removed", lambda: daemon_state(host).get("LoadState") == "not-found"

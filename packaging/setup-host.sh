@@ -9,9 +9,11 @@ packages=(
   # build and check the RPM package (rpm brings rpmbuild and the python and systemd macros it can)
   rpm rpmlint
   # the agent's runtime dependencies (the venv uses them through system site-packages)
-  python3-pystemd python3-pyroute2 python3-requests python3-kubernetes python3-yaml
+  python3-pystemd python3-pyroute2 python3-requests python3-kubernetes python3-systemd python3-yaml
   # the systemd test host
   systemd-container debootstrap openssl iproute2 util-linux
+  # a btrfs /var/lib/machines for the reset tests (a loop-mounted image)
+  btrfs-progs
 )
 
 missing=()

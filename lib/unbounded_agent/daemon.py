@@ -7,6 +7,10 @@ It runs the MachineOperation watcher (kube/watcher.py) for this machine. systemd
   heartbeat is recent): a wedged loop stops the pings and systemd restarts the daemon;
 - STOPPING=1 on SIGTERM.
 Without a kubeconfig and outside a pod there is nothing to watch: the daemon stays up, ready, idle.
+
+The daemon runs from the agent's zipapp, whose modules Python reads from the file when they are first
+imported. An AgentReset removes that file before the daemon reports ``Complete`` (and stops only after
+that), so every module the daemon may ever need is imported at start (``preload``).
 """
 
 from __future__ import annotations
@@ -63,9 +67,24 @@ def start_watchdog(alive, stop: threading.Event, notify=systemd.notify) -> threa
     return t
 
 
+# Every module of this package the daemon can reach, imported inside functions included (test_daemon.py
+# checks the list against the code).
+PRELOAD = ("config", "fsutil", "log", "records", "reasons", "systemd", "urls", "version", "queue.spool",
+           "upgrade.record", "kube.adoption", "kube.client", "kube.listwatch", "kube.mop", "kube.progress",
+           "kube.events", "kube.reset_driver", "kube.standalone", "kube.status", "kube.upgrade_driver", "kube.watcher")
+
+
+def preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(f"{__package__}.{name}")
+
+
 def run(cfg: Config) -> int:
+    preload()
     from .kube import client as kubeclient
-    from .kube import watcher
+    from .kube import standalone, watcher
 
     stop = threading.Event()
 
@@ -78,7 +97,7 @@ def run(cfg: Config) -> int:
     log.info(f"version {VERSION} starting for machine {cfg.machine_name}")
     if not kubeclient.configured(cfg.kubeconfig):
         start_watchdog(lambda _max_age: True, stop)
-        watcher.run_standalone(cfg, stop, systemd.notify)
+        standalone.run_standalone(cfg, stop, systemd.notify)
     else:
         w = watcher.Watcher(cfg, notify=systemd.notify)
         start_watchdog(lambda max_age: time.monotonic() - w.heartbeat < max_age, stop)

@@ -22,7 +22,7 @@ def run(name: str, fn: Callable[..., object], *args, config: bool = True) -> int
         else:
             fn(*args)
     except OpsError as e:
-        log.error(str(e))
+        log.error(str(e), result="failed", reason=e.reason.value)
         return e.reason.exit_code
     return 0
 
@@ -37,6 +37,7 @@ def instance_main(name: str, doc: str | None, fn: Callable[..., object], argv: l
     ap = parser(name, doc)
     ap.add_argument("id", metavar="ID", help="the operation id (the unit's instance, %%i)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    log.bind(request=args.id)
     return run(name, fn, args.id)
 
 

@@ -44,8 +44,11 @@ def read_json(path: str | os.PathLike) -> dict | None:
     return doc
 
 
-def write_json(path: str | os.PathLike, doc: dict, mode: int = 0o644) -> None:
-    Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+def write_json(path: str | os.PathLike, doc: dict, mode: int = 0o644, parents: bool = True) -> None:
+    """Write doc at path atomically; parents=False: the directory must be there (FileNotFoundError otherwise),
+    for a writer that must never make again a directory someone removed."""
+    if parents:
+        Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     fsutil.atomic_write(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
@@ -123,8 +126,8 @@ def load(cls: type[T], path: str | os.PathLike) -> T | None:
         raise CorruptRecord(f"{path}: {e}") from None
 
 
-def save(obj, path: str | os.PathLike, mode: int = 0o644) -> None:
-    write_json(path, to_dict(obj), mode)
+def save(obj, path: str | os.PathLike, mode: int = 0o644, parents: bool = True) -> None:
+    write_json(path, to_dict(obj), mode, parents)
 
 
 def now() -> str:

@@ -99,18 +99,32 @@ def jobs() -> list[dict]:
 
 
 def unit_file_state(name: str) -> str:
-    """UnitFileState (enabled, disabled, static, masked ...): "not-found" only when no unit file exists.
-    Any other error raises: a state that cannot be read is never taken for "not enabled"."""
+    """UnitFileState (enabled, disabled, static, masked ...): "not-found" only when systemd answers that no
+    unit file exists. Any other error raises — above all a bus that cannot be reached, which pystemd reports
+    with the same errno as a missing file: a state that cannot be read is never taken for "not enabled"."""
     from pystemd.systemd1 import Manager
 
+    manager = Manager()
     try:
-        with Manager() as m:
-            return _text(m.Manager.GetUnitFileState(name.encode()))
+        m = manager.__enter__()
     except Exception as e:
-        text = describe_error(e)
-        if any(s in text for s in ("NoSuchUnit", "FileNotFound", "No such file", "not found")):
+        raise _fail(f"cannot read the unit file state of {name}", e) from None
+    try:
+        return _text(m.Manager.GetUnitFileState(name.encode()))
+    except Exception as e:
+        if _no_such_unit(e):
             return "not-found"
         raise _fail(f"cannot read the unit file state of {name}", e) from None
+    finally:
+        manager.__exit__(None, None, None)
+
+
+def _no_such_unit(e: BaseException) -> bool:
+    """The answer of a reachable systemd that the unit (file) does not exist."""
+    import errno
+
+    name = _text(getattr(e, "err_name", b"") or b"")
+    return getattr(e, "errno", None) == -errno.ENOENT or name.endswith((".NoSuchUnit", ".FileNotFound"))
 
 
 def enabled(file_state: str) -> bool:

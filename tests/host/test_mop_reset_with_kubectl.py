@@ -1,19 +1,24 @@
 """AgentReset as an operator runs it: `kubectl apply -f reset.yaml`; `kubectl get mop NAME -w` shows
-Pending → InProgress → Complete, and Complete is on the server before the final reset steps stop and
-remove the daemon (the dispatcher waits at the reset's gate until the daemon has reported). A reset whose
-step fails ends Failed/ExecutionFailed naming the step, and the daemon keeps running. A daemon killed
-while phase 1 runs does not start the reset twice."""
+Pending → InProgress → Complete. Complete means the host is clean but for the running daemon: when kubectl
+shows it, the machines, links, keys, routing and the agent's own files (its binary, config and state) are
+gone, and the daemon that published it — running from memory — is stopped only afterwards. A reset whose
+step fails (one of steps 1–6, or the removal of the agent's files) ends Failed naming the step, the daemon
+keeps running and the next operation runs. A daemon killed while phase 1 runs does not start the reset
+twice."""
 
 import json
 import re
 
 import pytest
 from mop_host import KubeLink, daemon_state, journal_of, kill9_daemon, mop, unit_started_at, wait_until
+from queue_host import hold, release, unhold
+from queue_host import wait_held as wait_hold_point
 
 pytestmark = pytest.mark.testhost
 
 OPS = "/var/lib/unbounded-agent-ops"
-VERIFY_REPORT = f"{OPS}/reset/reports/09-verify.json"
+FINISH_REPORT = f"{OPS}/reset/reports/10-finish.json"
+AGENT_FILES = ("/var/lib/unbounded-agent", "/etc/unbounded/agent", "/var/lib/unbounded-agent/bin/unbounded-agent-blue")
 DISPATCH = "unbounded-agent-dispatch.service"
 HOLD_FILE = "/var/lib/test-hold-reset"
 # Makes the first reset step wait until HOLD_FILE is removed: phase 1 is "running" for as long as we like.
@@ -43,37 +48,48 @@ def env(testhost_factory, deb_path, tmp_path):
             kube.stop()
 
 
-def test_reset_completes_before_the_daemon_removes_itself(env, capsys):
+def test_complete_means_clean_and_comes_before_the_daemon_stops(env, capsys):
     host, kube = env
-    with kube.watch() as w:
-        kube.apply(mop("reset-agent-1", host.name, "AgentReset"))
-        w.wait_phase("reset-agent-1", "Complete", "Failed")
-    assert w.phases("reset-agent-1") == ["Pending", "InProgress", "Complete"], w.lines
-    cond = kube.condition("reset-agent-1")
-    assert (cond["status"], cond["reason"]) == ("True", "Succeeded")
-    # the daemon goes: stopped and removed by the final steps
-    wait_until("the daemon to be removed", lambda: daemon_state(host).get("LoadState") == "not-found"
-               or daemon_state(host).get("ActiveState") == "inactive")
+    pid = daemon_state(host)["MainPID"]
+    hold(host, DISPATCH, "reset-gate-passed")  # the dispatcher waits after the gate, before phase 2
+    try:
+        with kube.watch() as w:
+            kube.apply(mop("reset-agent-1", host.name, "AgentReset"))
+            w.wait_phase("reset-agent-1", "Complete", "Failed")
+            wait_hold_point(host, OPS, "reset-gate-passed")
+        assert w.phases("reset-agent-1") == ["Pending", "InProgress", "Complete"], w.lines
+        cond = kube.condition("reset-agent-1")
+        assert (cond["status"], cond["reason"]) == ("True", "Succeeded")
+        assert cond["message"].startswith("AgentReset completed: the agent, its machines, links, keys and routing")
+        # Complete is on the server: the agent's files are gone, yet the daemon that said so still runs, from
+        # memory (the zipapp it was started from is gone)
+        assert [p for p in AGENT_FILES if host.path(p).exists()] == []
+        assert (daemon_state(host)["ActiveState"], daemon_state(host)["MainPID"]) == ("active", pid)
+        assert not host.path("/var/lib/unbounded-agent/bin/unbounded-agent-current").is_symlink()
+        assert "unbounded-agent-reset-stop-daemon" not in journal_of(host, "unbounded-agent-reset-stop-daemon.service")
+    finally:
+        unhold(host, DISPATCH)
+        release(host, OPS, "reset-gate-passed")
+    wait_until("phase 2 to finish the reset", lambda: host.path(FINISH_REPORT).exists())
+    assert daemon_state(host).get("ActiveState") == "inactive"
     assert "AgentReset reset-agent-1 Complete" in journal_of(host)
     assert "received SIGTERM, stopping" in journal_of(host)  # stopped by phase 2
-    # Complete was on the server before phase 2 began: the server took the write before systemd started
-    # the first step of phase 2 (the daemon acknowledged the dispatcher's gate only after that write)
+    assert host.run(["systemctl", "is-enabled", "unbounded-agent-daemon.service"], check=False).stdout.strip() == "disabled"
     writes = [r for r in kube.agent_requests(name="reset-agent-1") if r.verb == "update" and r.code == 200]
     assert len(writes) == 3  # Pending, InProgress, Complete
     created = next(r.time for r in kube.server.requests if r.verb == "create" and r.resource == "machineoperations")
-    assert writes[-1].time < unit_started_at(host, "unbounded-agent-reset-remove-agent.service", after=created)
-    wait_until("phase 2 to verify the reset", lambda: host.path(VERIFY_REPORT).exists())
-    assert json.loads(host.read(VERIFY_REPORT))["result"] == "succeeded"
+    assert writes[-1].time < unit_started_at(host, "unbounded-agent-reset-stop-daemon.service", after=created)
+    assert json.loads(host.read(FINISH_REPORT))["result"] == "succeeded"
     # the dispatcher ran it as one request, waited at its gate, and wrote its result
-    request_id = json.loads(host.read(VERIFY_REPORT))["run_id"]
+    request_id = json.loads(host.read(FINISH_REPORT))["run_id"]
     res = wait_until("the reset's result", lambda: host.path(f"{OPS}/results/{request_id}.json").exists()
                      and json.loads(host.read(f"{OPS}/results/{request_id}.json")))
     assert (res["source"], res["succeeded"]) == ("machineoperation", True)
     dispatcher = journal_of(host, DISPATCH)
     assert dispatcher.index("waiting for its requester to report") < dispatcher.index(
         f"reset {request_id}: starting unbounded-agent-reset-phase2.target")
-    assert not any(host.path(f"{OPS}/gates").iterdir())
-    assert not host.path("/var/lib/unbounded-agent").exists()
+    assert not any(p.suffix == ".json" for p in host.path(f"{OPS}/gates").iterdir())
+    assert not host.path("/var/lib/unbounded-agent").exists()  # not made again by the daemon's last writes
     assert not host.path("/etc/unbounded/agent/config.yaml").exists()
     story = kube.kubectl("describe", "mop", "reset-agent-1").stdout
     for reason in ("Accepted", "ResetStarted", "ResetStep", "Completed"):
@@ -101,6 +117,7 @@ def test_failed_step_fails_the_reset_and_the_daemon_keeps_running(env):
     assert cond["reason"] == "ExecutionFailed" and "remove-wireguard-keys" in cond["message"]
     assert daemon_state(host)["ActiveState"] == "active" and daemon_state(host)["MainPID"] == pid
     assert "unbounded-agent-reset-phase2" not in journal_of(host, DISPATCH)
+    assert all(host.path(p).exists() for p in AGENT_FILES)  # remove-agent needs steps 1-6: it did not run
     # fixed, a new operation resets the host (finished steps find nothing to do)
     remove_drop_in(host, "unbounded-agent-reset-remove-wireguard-keys.service")
     with kube.watch() as w:
@@ -139,8 +156,47 @@ def test_reset_of_a_bootstrapped_host_removes_what_the_agent_made_and_nothing_el
         kube.apply(mop("reset-bootstrapped", host.name, "AgentReset"))
         w.wait_phase("reset-bootstrapped", "Complete", "Failed")
     assert w.phases("reset-bootstrapped")[-1] == "Complete", kube.condition("reset-bootstrapped")
-    wait_until("phase 2 to verify the reset", lambda: host.path(VERIFY_REPORT).exists())
-    assert json.loads(host.read(VERIFY_REPORT))["result"] == "succeeded"
+    wait_until("phase 2 to finish the reset", lambda: host.path(FINISH_REPORT).exists())
+    assert json.loads(host.read(FINISH_REPORT))["result"] == "succeeded"
     snap = snapshot(host)
     assert fx.items - fx.gone(snap) == set()
     assert fx.decoys - fx.kept(snap) == set()
+
+
+# Ways the removal of the agent's own files (step 7, before Complete) cannot finish, and how to undo them.
+BLOCKERS = {
+    "a busy mount": (
+        "mkdir -p /var/lib/unbounded-agent/data && mount -t tmpfs tmpfs /var/lib/unbounded-agent/data && "
+        "systemd-run --unit=busy-in-state --working-directory=/var/lib/unbounded-agent/data sleep infinity",
+        "systemctl stop busy-in-state.service", "UnsafeRemoval", "cannot unmount /var/lib/unbounded-agent/data"),
+    "an immutable file": (
+        "touch /var/lib/unbounded-agent/locked && chattr +i /var/lib/unbounded-agent/locked",
+        "chattr -i /var/lib/unbounded-agent/locked", "UnsafeRemoval", "/var/lib/unbounded-agent/locked is immutable"),
+}
+
+
+@pytest.mark.parametrize("blocker", sorted(BLOCKERS))
+def test_removing_the_agent_fails_the_operation_and_the_daemon_keeps_running(env, blocker):
+    host, kube = env
+    make, undo, reason, says = BLOCKERS[blocker]
+    host.sh(make)
+    pid = daemon_state(host)["MainPID"]
+    name = "reset-" + blocker.split()[-1]
+    with kube.watch() as w:
+        kube.apply(mop(name, host.name, "AgentReset"))
+        w.wait_phase(name, "Complete", "Failed")
+    cond = kube.condition(name)
+    assert (cond["status"], cond["reason"]) == ("False", reason)
+    assert cond["message"].startswith("reset step 7 (remove-agent) failed: refusing to remove") and says in cond["message"]
+    assert (daemon_state(host)["ActiveState"], daemon_state(host)["MainPID"]) == ("active", pid)
+    assert all(host.path(p).exists() for p in AGENT_FILES)  # nothing of the agent was removed
+    assert host.run(["unbounded-agent", "version"]).returncode == 0
+    assert "unbounded-agent-reset-phase2" not in journal_of(host, DISPATCH)
+    # the cause removed, the next operation for the machine runs, and resets the host
+    host.sh(undo)
+    with kube.watch() as w:
+        kube.apply(mop(f"{name}-again", host.name, "AgentReset"))
+        w.wait_phase(f"{name}-again", "Complete", "Failed")
+    assert w.phases(f"{name}-again")[-1] == "Complete", kube.condition(f"{name}-again")
+    wait_until("the daemon to stop", lambda: daemon_state(host).get("ActiveState") == "inactive")
+    assert not host.path("/var/lib/unbounded-agent").exists()

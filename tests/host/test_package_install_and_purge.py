@@ -1,7 +1,8 @@
 """The .deb on a real systemd host: install seeds slot blue, starts the daemon and arms the operation
 queue (the path unit; the dispatcher runs only while requests wait); remove and purge leave none of the
-package's files behind (the agent slots are runtime state that reset removes), and purge removes the
-toolset's own state (the queue, results and reset reports)."""
+package's files behind (the agent slots are runtime state that reset removes), remove takes the metrics
+textfile along, and purge removes the toolset's own state (the queue, results, reset reports and the
+metrics' counters). A package upgrade: test_package_upgrade_keeps_an_upgrade_on_probation.py."""
 
 import json
 
@@ -10,6 +11,7 @@ import pytest
 pytestmark = pytest.mark.testhost
 
 BIN = "/var/lib/unbounded-agent/bin"
+TEXTFILE = "/var/lib/prometheus/node-exporter/unbounded_agent.prom"
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,15 @@ def test_the_fan_out_controller_is_installed_but_neither_enabled_nor_started(ins
         "ActiveState": "inactive", "UnitFileState": "disabled", "LoadState": "loaded"}
 
 
+def test_the_metrics_unit_hooks_itself_into_the_daemon(installed):
+    wants = installed.run(["systemctl", "show", "unbounded-agent-daemon.service", "-p", "Wants", "--value"]).stdout
+    assert "unbounded-agent-metrics.service" in wants.split()
+    # without node_exporter's directory it writes nothing, and says why
+    log = installed.run(["journalctl", "--no-pager", "-o", "cat", "-u", "unbounded-agent-metrics.service"]).stdout
+    assert "does not exist (is prometheus-node-exporter installed?)" in log
+    assert not installed.path(TEXTFILE).parent.exists()
+
+
 def test_links_are_created_by_the_install_step_not_shipped(installed, deb_path):
     shipped = installed.run(["dpkg-deb", "-c", f"/var/tmp/pkgs/{deb_path.name}"]).stdout
     assert "/var/lib/unbounded-agent" not in shipped.replace("-> /var/lib/unbounded-agent", "")
@@ -105,8 +116,14 @@ def test_remove_then_purge_leave_no_package_files(installed):
     files = [f for f in host.run(["dpkg-query", "-L", "unbounded-agent"]).stdout.splitlines()
              if f.startswith("/") and not host.run(["test", "-d", f], check=False).returncode == 0]
     assert "/usr/bin/unbounded-agent" in files and len(files) > 10
+    host.run(["mkdir", "-p", "/var/lib/prometheus/node-exporter"])  # node_exporter came, the metrics with it
+    host.run(["systemctl", "start", "unbounded-agent-metrics.service"])
+    assert "unbounded_agent_current_info" in host.read(TEXTFILE)
 
     host.run(["dpkg", "-r", "unbounded-agent"])
+    # the textfile goes with the toolset that writes it (node_exporter would export it unchanged), its
+    # directory stays: node_exporter's
+    assert not host.path(TEXTFILE).exists() and host.path(TEXTFILE).parent.is_dir()
     left = [f for f in files if host.run(["test", "-e", f], check=False).returncode == 0
             or host.run(["test", "-L", f], check=False).returncode == 0]
     assert left == []

@@ -8,7 +8,8 @@ from bootstrapped_host import bootstrap, checkpoint_exists, removed_items, resul
 pytestmark = pytest.mark.testhost
 
 ALL_STEPS = ["begin", "stop-machines", "remove-links", "remove-wireguard-keys", "remove-nspawn-config",
-             "remove-machine-trees", "remove-routing", "remove-agent", "reload-systemd", "verify"]
+             "remove-machine-trees", "remove-routing", "remove-agent", "verify", "stop-daemon", "reload-systemd",
+             "finish"]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +41,11 @@ def test_the_report_names_what_each_step_removed(first_run):
         "machine kube1", "machine kube2",
         "enabled unit systemd-nspawn@kube1.service", "enabled unit systemd-nspawn@kube2.service"}
     assert set(step(report, "remove-links")["removed"]) == {
-        f"link {n}" for n in ("wg51820", "wg51833", "geneve0", "vxlan0", "ipip0", "unbounded0", "cbr0")}
+        f"link {n}" for n in ("wg51820", "wg51833", "wg51899", "geneve0", "vxlan0", "ipip0", "unbounded0", "cbr0")}
     assert "mount /var/lib/machines/kube2/data" in step(report, "remove-machine-trees")["removed"]
-    assert "running unit unbounded-agent-daemon.service" in step(report, "remove-agent")["removed"]
+    assert "directory /var/lib/unbounded-agent" in step(report, "remove-agent")["removed"]
+    assert step(report, "stop-daemon")["removed"] == ["running unit unbounded-agent-daemon.service",
+                                                      "enabled unit unbounded-agent-daemon.service"]
 
 
 def test_the_follow_up_names_the_node_to_delete(first_run, agent_host):
@@ -64,18 +67,21 @@ def test_the_reset_ran_as_one_request_of_the_queue(first_run, agent_host):
     assert (res["kind"], res["source"], res["succeeded"], res["reason"]) == ("reset", "cli", True, "Succeeded")
     assert {s["run_id"] for s in report["steps"]} == {report["run_id"]}  # every step ran for that request
     assert spool_is_empty(agent_host)
-    # phase 1 finished before phase 2 (which removes the agent) was started
+    # phase 1 (which removes the agent's files) finished before phase 2 (which stops its daemon) was started
     log = agent_host.run(["journalctl", "--no-pager", "-o", "cat", "-u", "unbounded-agent-dispatch.service"]).stdout
     run = report["run_id"]
     assert log.index(f"reset {run}: starting unbounded-agent-reset-phase1.target") < log.index(
         f"reset {run}: starting unbounded-agent-reset-phase2.target")
 
 
-def test_a_second_run_succeeds_and_removes_nothing(first_run, agent_host):
-    # `unbounded-agent` itself went with the agent: the toolset's own CLI runs the same reset.
+def test_a_second_run_succeeds_and_changes_nothing(first_run, agent_host):
+    # `unbounded-agent` itself went with the agent: the toolset's own CLI runs the same reset (until
+    # /usr/bin/unbounded-agent falls back to it by itself).
     assert agent_host.run(["unbounded-agent", "version"], check=False).returncode != 0
+    before = snapshot(agent_host)
     code, report, _ = run_reset(agent_host, toolset=True)
     assert (code, report["result"]) == (0, "succeeded")
     assert removed_items(report) == set()
+    assert snapshot(agent_host) == before
     assert [s["step"] for s in report["steps"] if s["result"] != "succeeded"] == []
     assert report["run_id"] != first_run[2]["run_id"] and result_of(agent_host, report["run_id"])["succeeded"]

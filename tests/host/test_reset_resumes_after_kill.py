@@ -33,9 +33,11 @@ pytestmark = pytest.mark.testhost
 
 # The steps in chain order (begin has just run before the first).
 NEXT_STEP = ["stop-machines", "remove-links", "remove-wireguard-keys", "remove-nspawn-config",
-             "remove-machine-trees", "remove-routing", "remove-agent", "reload-systemd", "verify"]
-# Where a dispatcher is killed: early and late in phase 1, and in phase 2 (which removes the agent).
-DISPATCHER_KILLED_AT = ["stop-machines", "remove-routing", "remove-agent", "verify"]
+             "remove-machine-trees", "remove-routing", "remove-agent", "verify", "stop-daemon", "reload-systemd",
+             "finish"]
+# Where a dispatcher is killed: early and late in phase 1 (the last removing the agent's files), and in phase 2
+# (which stops its daemon).
+DISPATCHER_KILLED_AT = ["stop-machines", "remove-routing", "remove-agent", "verify", "stop-daemon", "finish"]
 
 
 def journal_of(host, unit):

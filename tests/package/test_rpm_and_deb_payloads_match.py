@@ -99,7 +99,7 @@ def packages(deb_path, rpm_path, repo_root):
 
 def test_the_documented_differences_are_read(packages):
     _, _, differences = packages
-    assert len(differences) == 5
+    assert len(differences) == 6
     assert Difference("/lib/systemd/system/", "/usr/lib/systemd/system/", True) in differences
 
 

@@ -6,8 +6,9 @@ systemd-update-helper stubbed (scratch_root.py):
 - `rpm -U` to a newer build keeps the agent an AgentUpgrade installed (slots, links, its state and a
   queued request), marks only the path unit (and the fan-out controller, where it runs) for restart and never
   touches the daemon or the dispatcher;
-- erase disables the units (stopping the daemon and the path unit, not the dispatcher), removes every
-  file of the package and the toolset's state, and leaves the agent's slots to `unbounded-agent reset`.
+- erase disables the units (stopping the daemon, the path unit, the metrics unit and the fan-out controller,
+  not the dispatcher), removes every file of the package, the toolset's state and the metrics textfile, and
+  leaves the agent's slots to `unbounded-agent reset`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import pytest
 from scratch_root import ScratchRoot
 
 BIN = "/var/lib/unbounded-agent/bin"
-UNITS = "unbounded-agent-daemon.service unbounded-agent-requests.path unbounded-agent-dispatch.service"
+UNITS = ("unbounded-agent-daemon.service unbounded-agent-requests.path unbounded-agent-dispatch.service "
+         "unbounded-agent-metrics.service")
+TEXTFILE = "/var/lib/prometheus/node-exporter/unbounded_agent.prom"
 FLEET = "unbounded-agent-fleet-controller.service"
 STATE = ("/var/lib/unbounded-agent", "/var/lib/unbounded-agent-ops", "/var/lib/unbounded-agent-reset")
 # What an agent upgrade left: green is active, blue the one to roll back to (as the switch leaves it).
@@ -73,6 +76,8 @@ def erased(root, upgraded):
     root.host_path("/var/lib/unbounded-agent-ops/results").mkdir()
     root.host_path("/var/lib/unbounded-agent-ops/results/upgrade-20250101t000000-abcdef.json").write_text("{}\n")
     root.host_path("/var/lib/unbounded-agent-reset/reports").mkdir(parents=True)
+    root.host_path(TEXTFILE).parent.mkdir(parents=True)
+    root.host_path(TEXTFILE).write_text("unbounded_agent_current_info{slot=\"unbounded-agent-green\",version=\"9.9.9\"} 1\n")
     root.rpm("-e", "--nodeps", "unbounded-agent")
     return {"calls": root.take_calls()}
 
@@ -152,7 +157,7 @@ def test_upgrade_restarts_only_the_path_unit_and_a_running_fan_out_controller(up
 def test_erase_disables_the_units_and_stops_all_but_the_dispatcher(erased):
     assert erased["calls"] == [
         f"systemd-update-helper remove-system-units unbounded-agent-daemon.service unbounded-agent-requests.path "
-        f"{FLEET}",
+        f"unbounded-agent-metrics.service {FLEET}",
         "systemctl --no-reload disable unbounded-agent-dispatch.service",
     ]
 
@@ -164,6 +169,7 @@ def test_erase_leaves_no_file_of_the_package(root, upgraded, erased):
 
 
 def test_erase_removes_the_toolsets_state_and_leaves_the_agents(root, erased):
+    assert not root.host_path(TEXTFILE).exists() and root.host_path(TEXTFILE).parent.is_dir()  # node_exporter's dir stays
     assert not root.host_path("/var/lib/unbounded-agent-ops").exists()
     assert not root.host_path("/var/lib/unbounded-agent-reset").exists()
     assert root.host_path(f"{BIN}/unbounded-agent-green").is_file()

@@ -7,8 +7,9 @@
 What `start` would leave (fx.items, all of which the reset must remove):
 - running machines kube1 and kube2 (systemd-nspawn@.service, enabled), their .nspawn files, unit
   overrides and root trees; kube2's tree has a bind mount inside (data that is not the reset's);
-- links wg51820, wg51833, geneve0, vxlan0, ipip0, unbounded0, cbr0 (this kernel has no wireguard,
-  geneve or ipip link types: bridges and vxlans carry the names);
+- links wg51820, wg51833, wg51899, geneve0, vxlan0, ipip0, unbounded0, cbr0 (this kernel has no wireguard,
+  geneve or ipip link types: bridges and vxlans carry the names); the agent's routing tables are those of
+  its wg links;
 - /etc/wireguard/server.priv and server.pub;
 - policy rules and routes in the agent's tables (51820, 51833, 51899; IPv4 and IPv6);
 - the agent: slots and links (seeded by the .deb), its config, a daemon override.
@@ -56,6 +57,7 @@ Private=no
 AGENT_LINKS = {
     "wg51820": ["type", "bridge"],
     "wg51833": ["type", "bridge"],
+    "wg51899": ["type", "bridge"],
     "geneve0": ["type", "vxlan", "id", "100", "dstport", "6081"],
     "vxlan0": ["type", "vxlan", "id", "101", "dstport", "4789"],
     "ipip0": ["type", "vxlan", "id", "102", "dstport", "4790"],
@@ -208,7 +210,10 @@ import json, os, subprocess
 def run(*a):
     return subprocess.run(a, capture_output=True, text=True).stdout
 out = {}
-out["machines"] = [l.split()[0] for l in run("machinectl", "list", "--no-legend", "--no-pager").splitlines() if l.strip()]
+try:  # a host without machined has no machinectl: nothing is registered there
+    out["machines"] = [l.split()[0] for l in run("machinectl", "list", "--no-legend", "--no-pager").splitlines() if l.strip()]
+except FileNotFoundError:
+    out["machines"] = []
 out["links"] = [l["ifname"] for l in json.loads(run("ip", "-j", "link", "show") or "[]")]
 out["rules"] = {f: json.loads(run("ip", "-" + f, "-j", "rule", "show") or "[]") for f in "46"}
 out["routes"] = {f: json.loads(run("ip", "-" + f, "-j", "route", "show", "table", "all") or "[]") for f in "46"}
@@ -282,14 +287,24 @@ def fresh_agent_host(testhost_factory, deb_path):
         yield host
 
 
+# The nested test host's systemd sometimes cannot set up the cgroup of a unit started again at once
+# ("Failed to kill control group ... Input/output error", then status=219/CGROUP): an artefact of the test
+# host under load (mop_host.py meets it with the daemon), not of the reset. A step that ended so wrote no
+# report; the reset says so and is run again, as an operator would.
+CGROUP_ARTEFACT = "(unit result exit-code, exit status 219)"
+
+
 def run_reset(host: TestHost, *args: str, toolset: bool = False):
     """Run the reset with --json; return (exit code, parsed report, stderr)."""
     cmd = (TOOLSET_RESET if toolset else AGENT_RESET) + ["--json", *args]
-    r = host.run(cmd, check=False, timeout=600)
-    try:
-        report = json.loads(r.stdout)
-    except ValueError:
-        raise AssertionError(f"{cmd} printed no JSON report (exit {r.returncode}):\n{r.stdout}\n{r.stderr}") from None
+    for _ in range(2):
+        r = host.run(cmd, check=False, timeout=600)
+        try:
+            report = json.loads(r.stdout)
+        except ValueError:
+            raise AssertionError(f"{cmd} printed no JSON report (exit {r.returncode}):\n{r.stdout}\n{r.stderr}") from None
+        if CGROUP_ARTEFACT not in report.get("message", ""):
+            break
     return r.returncode, report, r.stderr
 
 

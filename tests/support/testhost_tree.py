@@ -35,7 +35,7 @@ BASE_PACKAGES = (
 # debootstrap cannot resolve the virtual packages some of them depend on.
 RUNTIME_PACKAGES = (
     "python3-pystemd", "python3-pyroute2", "python3-requests",
-    "python3-kubernetes", "python3-yaml",
+    "python3-kubernetes", "python3-systemd", "python3-yaml",
 )
 # Bump when the way the tree is made changes, so old caches are not reused.
 TREE_FORMAT = 1

@@ -31,6 +31,7 @@ from unbounded_agent.kube.progress import OperationProgress, ProgressStore
 from unbounded_agent.queue import dispatch
 from unbounded_agent.queue.spool import Gate, Request, Result, Spool, new_id
 from unbounded_agent.reasons import Reason
+from unbounded_agent.reset import api as reset_api
 from unbounded_agent.upgrade.record import Store, UpgradeRecord
 from unbounded_agent.urls import redact
 
@@ -40,8 +41,7 @@ AGENT = f"unbounded-agent:{MACHINE}"  # the agent's user on the test server (pac
 AGENT_GROUP = "unbounded-agent-daemons"
 ADMIN_AGENT = "watcher-tests-admin"  # the admin client's User-Agent, so hooks can tell its requests apart
 WAIT = 30.0  # a bound on waits only; nothing asserts how long anything took
-GATE_MESSAGE = ("AgentReset: machines, links, keys, nspawn config, machine trees and routing removed; "
-                "the agent removes itself next")
+GATE_MESSAGE = dispatch.GATE_MESSAGE.format(what=reset_api.COMPLETE)  # what the real dispatcher's gate says
 GATE_STEPS = [{"step": "stop-machines", "number": 1, "result": "succeeded", "removed": 2},
               {"step": "remove-links", "number": 2, "result": "succeeded", "removed": 3}]
 
@@ -136,7 +136,8 @@ class FakeDispatcher:
         return dispatch.supersede(self.spool, reset)
 
     def open_gate(self, req: Request, steps=GATE_STEPS, message: str = GATE_MESSAGE) -> Gate:
-        """Phase 1 of the reset req succeeded: it waits for its requester's report before removing the agent."""
+        """Phase 1 of the reset req succeeded (the agent's files are gone): it waits for its requester's report
+        before it stops the daemon."""
         gate = Gate(id=req.id, message=message, steps=[dict(s) for s in steps])
         self.spool.open_gate(gate)
         return gate

@@ -59,7 +59,14 @@ def test_status_shows_the_queue_and_the_last_results(host, capsys):
     assert [(q["id"], q["state"]) for q in st["queue"]] == [("upgrade-1", "running"), ("reset-1", "queued")]
     assert [(r["id"], r["reason"]) for r in st["results"]] == [("rollback-0", "Quarantined")]
     assert "url" not in json.dumps(st["queue"])  # a request's URL may carry a signed query: never shown
+    assert st["journal"] == "journalctl UNBOUNDED_OPERATION=up-1"  # the running one's story
     assert cli.main(["status"]) == 0
     text = capsys.readouterr().out
     assert "running: upgrade up-1 (request upgrade-1, from machineoperation)" in text
     assert "rollback rollback-0 failed (Quarantined)" in text
+    assert "journal:     journalctl UNBOUNDED_OPERATION=up-1  (one operation, all its units)" in text
+    spool.finish(spool.claimed()[0], Result(id="upgrade-1", kind="upgrade", operation="up-1", source="machineoperation",
+                                            succeeded=True, reason="Succeeded", message="m"))
+    spool.drop(spool.pending()[0][0])
+    assert cli.main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["journal"] == "journalctl UNBOUNDED_OPERATION=up-1"  # the last ended

@@ -121,9 +121,12 @@ def stop_daemon(p: subprocess.Popen) -> str:
 
 
 def test_without_a_cluster_the_daemon_is_ready_and_idle(tmp_path):
+    from unbounded_agent.queue.spool import Gate, Spool
+
     notify = NotifySocket(tmp_path / "notify")
+    spool = Spool(tmp_path / "ops").ensure()
     p = run_daemon(tmp_path, f"stateDir: {tmp_path}/state\nbinDir: {tmp_path}/bin\nmachineName: lonely\n",
-                   NOTIFY_SOCKET=notify.path)
+                   NOTIFY_SOCKET=notify.path, UNBOUNDED_AGENT_OPS_DIR=str(spool.root))
     try:
         line = ""
         while "not watching MachineOperations" not in line:
@@ -133,6 +136,9 @@ def test_without_a_cluster_the_daemon_is_ready_and_idle(tmp_path):
         assert "no cluster configured" in ready[0]["STATUS"]
         # not a notify-less idler: it arms its own watchdog and feeds it
         assert notify.having("WATCHDOG_USEC")[0]["WATCHDOG_USEC"] == str(int(daemon.WATCHDOG_SECONDS * 1_000_000))
+        # a reset waiting for its requester to report: with no cluster there is nothing to say, it may go on
+        spool.open_gate(Gate(id="reset-1", message="AgentReset completed"))
+        wait_for("the gate to be acknowledged", lambda: spool.acked("reset-1"))
     finally:
         err = stop_daemon(p)
         notify.close()
@@ -169,3 +175,44 @@ def test_version_does_not_import_kubernetes():
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(LIB)), capture_output=True,
                        text=True, check=True)
     assert r.stdout.splitlines()[-1] == "False False"
+
+
+def test_every_module_the_daemon_can_reach_is_imported_at_its_start():
+    """A reset removes the agent's zipapp before the daemon reports Complete: no import may reach for it later.
+    Every module of the package that the daemon and the watcher import — at the top or inside a function —
+    is in daemon.PRELOAD (or is one of its packages)."""
+    from test_architecture import graph, modules
+
+    edges = graph()
+    seen, todo = set(), ["unbounded_agent.daemon", "unbounded_agent.kube.watcher"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += edges.get(m, ())
+    packages = {m for m, p in modules().items() if p.name == "__init__.py"}
+    preloaded = {f"unbounded_agent.{m}" for m in daemon.PRELOAD}
+    assert sorted(seen - preloaded - packages - {"unbounded_agent.daemon"}) == []
+
+
+def test_preloaded_the_daemon_needs_no_file_of_its_zipapp(tmp_path):
+    """The zipapp as the release builds it: preload, remove the file, then everything PRELOAD names works."""
+    sys.path.insert(0, str(REPO / "packaging"))
+    try:
+        import build_release
+    finally:
+        sys.path.pop(0)
+    app = tmp_path / "unbounded-agent"
+    build_release.build_zipapp("9.9.9", app)
+    script = (f"import sys; sys.path.insert(0, {str(app)!r})\n"
+              "import os, importlib\nfrom unbounded_agent import daemon\ndaemon.preload()\n"
+              f"os.unlink({str(app)!r})\n"
+              "from unbounded_agent.kube import watcher, reset_driver, adoption, upgrade_driver\n"
+              "from unbounded_agent.queue.spool import new_id\nfrom unbounded_agent.urls import redact\n"
+              "print(new_id('mop').startswith('mop-'), redact('https://u:p@h/x?sig=1'))\n")
+    r = subprocess.run(["/usr/bin/python3", "-I", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "True" and not app.exists()
+    control = subprocess.run(["/usr/bin/python3", "-I", "-c", script.replace("daemon.preload()\n", "")],
+                             capture_output=True, text=True, timeout=60)
+    assert control.returncode != 0  # without the preload the same imports need the removed file

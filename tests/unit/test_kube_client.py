@@ -141,3 +141,16 @@ def test_status_writes_resume_after_the_certificate_rotates_without_a_restart(tm
         assert h.condition("up")["reason"] == "Succeeded"
         wait_for("the last Event", lambda: "Completed" in h.event_reasons("up"))
         assert h.agent_requests()[-1].user == AGENT
+
+
+def test_a_client_keeps_working_when_a_reset_removes_its_kubeconfig_and_certificate_files(server, tmp_path, monkeypatch):
+    """A reset removes the agent's config before the daemon publishes the reset's Complete."""
+    monkeypatch.setattr(kubeclient, "CHECK_FILES_EVERY", 0)
+    crt, key, _ = server.issue_client_cert(tmp_path, AGENT, [AGENT_GROUP])
+    kc = server.kubeconfig(tmp_path / "kc", credential={"client-certificate": crt, "client-key": key})
+    client = kubeclient.Client(lambda: kubeclient.build(kc))
+    assert whoami(client()) == AGENT
+    for path in (kc, crt, key):
+        os.unlink(path)
+    client().api.rest_client.pool_manager.clear()  # new connections must not need the removed files either
+    assert whoami(client()) == AGENT and client.builds == 1  # the same client, kept

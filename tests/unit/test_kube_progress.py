@@ -48,3 +48,24 @@ def test_remove_forgets_and_a_missing_directory_is_empty(tmp_path):
     store.remove("u")
     store.remove("u")  # twice: already gone is fine
     assert store.load_all() == {}
+
+
+def test_once_a_reset_removed_the_state_dir_progress_lives_in_memory_and_nothing_is_written_back(tmp_path):
+    import shutil
+
+    state = tmp_path / "state"
+    state.mkdir()
+    store = ProgressStore(state)
+    p = OperationProgress(uid="u-1", name="reset", kind="AgentReset", step=SUBMITTED, request_id="mop-1")
+    store.save(p)
+    shutil.rmtree(state)  # remove-agent, while the daemon still runs
+    p.step = DONE
+    store.save(p)  # no error, and the directory is not made again
+    store.remove("u-1")
+    assert store.in_memory and not state.exists()
+
+
+def test_a_state_dir_that_never_existed_is_made_on_the_first_save(tmp_path):
+    store = ProgressStore(tmp_path / "new-state")  # as the fast tests and a first start without systemd
+    store.save(OperationProgress(uid="u-1", name="up", kind="AgentUpgrade", step=ACCEPTED))
+    assert not store.in_memory and (tmp_path / "new-state" / "machineoperations" / "u-1.json").exists()

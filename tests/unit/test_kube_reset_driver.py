@@ -1,9 +1,9 @@
 """AgentReset through the watcher (kube/reset_driver.py), against the real test API server and a real spool;
 the test plays the dispatcher (tests/support/watcher_fakes.py).
 
-The contract: the reset waits at its gate before it removes the agent (and this daemon); the watcher
-acknowledges the gate only once ``Complete`` — and every operation the reset superseded — is on the server,
-or the operation is gone. A reset that fails before the gate ends ``Failed`` and the daemon keeps running.
+The contract: the reset waits at its gate — everything that can fail done, the agent's files gone — before
+it stops this daemon; the watcher acknowledges the gate only once ``Complete`` — and every operation the
+reset superseded — is on the server, or the operation is gone. A reset that fails before the gate ends ``Failed`` and the daemon keeps running.
 A restart never submits a reset twice."""
 
 import pytest
@@ -287,3 +287,21 @@ def test_a_reset_of_an_older_agent_is_failed_with_what_to_do(h):
     assert h.condition("reset")["reason"] == "ExecutionFailed"
     assert "run `unbounded-agent reset` on the host" in h.condition("reset")["message"]
     assert h.dispatcher.submitted() == []
+
+
+def test_complete_is_published_after_the_agents_files_and_state_are_gone(h):
+    """At the gate the agent's state directory (this watcher's progress) is gone: the daemon still says
+    Complete, acknowledges, and does not make the directory again."""
+    from unbounded_agent.reset import treeremove
+
+    h.start()
+    h.create("reset", "AgentReset")
+    h.create("up", "AgentUpgrade", downloadURL=URL)  # waits behind the reset; superseded at the gate
+    req = h.dispatcher.wait_request(h.operation("reset"))
+    wait_for("the request to be recorded", lambda: h.step("reset") == SUBMITTED)
+    treeremove.remove_tree(str(h.cfg.state_dir))  # remove-agent, while the watcher may still write there
+    h.dispatcher.open_gate(req)
+    wait_for("the ack", lambda: h.dispatcher.acked(req))
+    assert h.phase("reset") == "Complete" and h.phase("up") == "Failed"
+    assert h.condition("up")["reason"] == "Superseded"
+    assert not h.cfg.state_dir.exists() and h.watcher.store.in_memory

@@ -1,6 +1,6 @@
 """The dispatcher: requests run one at a time, in order, each under the host lock held for it; every request
 ends in a result, whatever happens to it; a reset supersedes what is queued behind it and lets its
-requester report before the agent goes. The operations themselves are faked here (upgrade/api, reset/api
+requester report before the daemon stops. The operations themselves are faked here (upgrade/api, reset/api
 have their own tests); the spool, the lock and the records are real."""
 
 import threading
@@ -47,10 +47,10 @@ class FakeOperations:
             rec.reason, rec.message = "DaemonFailed", "rolled back"
         return rec
 
-    def reset(self, spec, before_removal):
+    def reset(self, spec, before_daemon_stops):
         self.ran.append((spec.id, hostlock.holder().operation))
         phase1 = reset_api.PhaseOutcome(1, [reset_api.StepOutcome("remove-links", 2, True, "Succeeded", "", 1)])
-        before_removal(phase1)
+        before_daemon_stops(phase1)
         self.reset_phase2.append(spec.id)
         return reset_api.Outcome(True, "Succeeded", "reset complete", phases=[phase1, phase1])
 
@@ -152,8 +152,8 @@ def test_a_reset_supersedes_what_is_queued_behind_it_but_not_another_reset(spool
     assert spool.result("reset-1").succeeded and spool.result("reset-3").succeeded
 
 
-def test_a_reset_with_a_report_gate_waits_for_the_ack_before_removing_the_agent(spool, ops, monkeypatch):
-    monkeypatch.setattr(dispatch, "_daemon_gone", lambda: False)
+def test_a_reset_with_a_report_gate_waits_for_the_ack_before_stopping_the_daemon(spool, ops, monkeypatch):
+    monkeypatch.setattr(dispatch, "_daemon_can_report", lambda: True)
     monkeypatch.setattr(dispatch, "GATE_POLL_SECONDS", 0.01)
     spool.submit(Request(id="reset-1", kind="reset", source="machineoperation", report_gate=True))
     seen = []
@@ -169,13 +169,15 @@ def test_a_reset_with_a_report_gate_waits_for_the_ack_before_removing_the_agent(
     t.start()
     dispatch.run(spool)
     t.join(10)
-    assert seen and "removes itself next" in seen[0][0] and seen[0][1] == []
+    assert seen and seen[0][1] == []
+    assert seen[0][0] == ("AgentReset completed: the agent, its machines, links, keys and routing are gone from "
+                          "this host (its daemon stops next)")
     assert ops.reset_phase2 == ["reset-1"] and spool.result("reset-1").succeeded
     assert spool.gate("reset-1") is None  # cleared with the result
 
 
 def test_a_gate_nobody_can_answer_does_not_hold_the_reset(spool, ops, monkeypatch):
-    monkeypatch.setattr(dispatch, "_daemon_gone", lambda: True)
+    monkeypatch.setattr(dispatch, "_daemon_can_report", lambda: False)
     spool.submit(Request(id="reset-1", kind="reset", source="machineoperation", report_gate=True))
     dispatch.run(spool)
     assert spool.result("reset-1").succeeded and ops.reset_phase2 == ["reset-1"]
@@ -197,3 +199,25 @@ def test_the_dispatcher_leaves_the_spool_empty_even_of_stray_files(spool, ops):
     spool.submit(Request(id="upgrade-1", kind="upgrade"))
     dispatch.run(spool)
     assert list(spool.requests.iterdir()) == [] and spool.result("upgrade-1").succeeded
+
+
+@pytest.mark.parametrize("state, can", [
+    ({"active_state": "active", "main_pid": 42}, True),
+    ({"active_state": "activating", "main_pid": 42}, True),  # started before its files went, not ready yet
+    ({"active_state": "activating", "main_pid": 0}, False),  # auto-restart: it cannot start without its files
+    ({"active_state": "failed", "main_pid": 0}, False),
+    ({"active_state": "inactive", "main_pid": 0}, False)])
+def test_who_can_still_report_at_the_gate(monkeypatch, state, can):
+    from unbounded_agent import systemd
+
+    monkeypatch.setattr(systemd, "unit_state", lambda name: dict(state, unit=name))
+    assert dispatch._daemon_can_report() is can
+
+
+def test_a_systemd_that_cannot_be_asked_keeps_the_gate_waiting(monkeypatch):
+    from unbounded_agent import systemd
+
+    def broken(name):
+        raise systemd.SystemdError("cannot query: timeout")
+    monkeypatch.setattr(systemd, "unit_state", broken)
+    assert dispatch._daemon_can_report() is True

@@ -1,5 +1,6 @@
-"""What the dispatcher calls: phase 1, the report gate, phase 2 — and the outcome of each phase read back from the
-steps' reports (a missing or stale report is a failure, told apart by the unit's state). systemd is faked."""
+"""What the dispatcher calls: phase 1 (everything that can fail, the agent's files included), the report gate,
+phase 2 (the daemon stops) — and the outcome of each phase read back from the steps' reports (a missing or
+stale report is a failure, told apart by the unit's state). systemd is faked."""
 
 import pytest
 
@@ -73,7 +74,7 @@ def ops_dir(tmp_path, monkeypatch):
 def test_a_clean_reset_runs_phase_1_then_the_gate_then_phase_2(monkeypatch):
     fake = FakeSystemd(monkeypatch, reports={"remove-links": report_of(remove_links.STEP, removed=["link wg51820"])})
     gate = []
-    out = api.run(SPEC, before_removal=lambda phase1: gate.append((phase1, list(fake.calls))))
+    out = api.run(SPEC, before_daemon_stops=lambda phase1: gate.append((phase1, list(fake.calls))))
     assert (out.succeeded, out.reason, out.step) == (True, "Succeeded", None)
     assert out.message.startswith("reset complete")
     assert fake.calls == [("start", api.PHASE1_TARGET), ("wait", ("/org/freedesktop/systemd1/job/1",)),
@@ -83,32 +84,46 @@ def test_a_clean_reset_runs_phase_1_then_the_gate_then_phase_2(monkeypatch):
     assert calls_then == fake.calls[:2] and phase1 is out.phases[0]
     assert [p.phase for p in out.phases] == [1, 2]
     assert [s.step for s in out.phases[0].steps] == [s.name for s in of_phase(1)]
-    assert [s.step for s in out.phases[1].steps] == ["begin", "remove-agent", "reload-systemd", "verify"]
+    assert [s.step for s in out.phases[0].steps][-2:] == ["remove-agent", "verify"]
+    assert [s.step for s in out.phases[1].steps] == ["begin", "stop-daemon", "reload-systemd", "finish"]
     assert next(s for s in out.phases[0].steps if s.step == "remove-links").removed == 1
     req = read_request()
     assert (req.run_id, req.all_wg, req.requested_by) == (RUN, True, "machineoperation/reset-node-7")
 
 
-def test_a_failed_phase_1_step_stops_before_the_gate_and_leaves_the_agent(monkeypatch):
+def test_a_failed_phase_1_step_stops_before_the_gate_and_the_daemon_keeps_running(monkeypatch):
     fake = FakeSystemd(monkeypatch, reports={"remove-machine-trees": report_of(
         remove_machine_trees.STEP, failure=("MachineStillRunning", "refusing to remove /var/lib/machines/kube2"))})
     gate = []
-    out = api.run(SPEC, before_removal=gate.append)
+    out = api.run(SPEC, before_daemon_stops=gate.append)
     assert (out.succeeded, out.reason, out.step) == (False, "MachineStillRunning", "remove-machine-trees")
     assert out.message == ("reset step 5 (remove-machine-trees) failed: refusing to remove /var/lib/machines/kube2; "
-                           "a phase-1 step failed; the agent was left installed and running")
+                           "the agent's daemon keeps running; fix the cause and reset again")
     assert gate == [] and ("start", api.PHASE2_TARGET) not in fake.calls
     assert [p.phase for p in out.phases] == [1]
 
 
 def test_a_failed_phase_2_step_says_to_run_the_reset_again(monkeypatch):
-    from unbounded_agent.reset.steps import verify
+    from unbounded_agent.reset.steps import stop_daemon
 
-    FakeSystemd(monkeypatch, reports={"verify": report_of(verify.STEP, failure=("ResetIncomplete", "reset incomplete: x"))})
+    FakeSystemd(monkeypatch, reports={"stop-daemon": report_of(stop_daemon.STEP, failure=(
+        "ExecutionFailed", "unbounded-agent-daemon.service did not stop within 120 s"))})
     out = api.run(SPEC)
-    assert (out.succeeded, out.reason, out.step) == (False, "ResetIncomplete", "verify")
+    assert (out.succeeded, out.reason, out.step) == (False, "ExecutionFailed", "stop-daemon")
     assert "run `unbounded-agent reset` again" in out.message
     assert [p.phase for p in out.phases] == [1, 2] and out.phases[0].succeeded
+
+
+def test_the_removal_of_the_agent_failing_is_a_phase_1_failure(monkeypatch):
+    from unbounded_agent.reset.steps import remove_agent
+
+    gate = []
+    FakeSystemd(monkeypatch, reports={"remove-agent": report_of(remove_agent.STEP, failure=(
+        "UnsafeRemoval", "refusing to remove /var/lib/unbounded-agent: cannot unmount /var/lib/unbounded-agent/x"))})
+    out = api.run(SPEC, before_daemon_stops=gate.append)
+    assert (out.succeeded, out.reason, out.step) == (False, "UnsafeRemoval", "remove-agent")
+    assert out.message.startswith("reset step 7 (remove-agent) failed: refusing to remove /var/lib/unbounded-agent")
+    assert gate == [] and [p.phase for p in out.phases] == [1]
 
 
 def test_a_step_that_ended_without_a_report_is_told_by_its_unit(monkeypatch):
@@ -146,7 +161,7 @@ def test_a_target_systemd_will_not_start_is_an_execution_failure(monkeypatch):
 
 
 def test_the_real_steps_end_to_end_with_the_lock_held_for_the_run(monkeypatch, tmp_path):
-    """Starting a target runs its steps in this process, as their units would: the whole reset, begin to verify."""
+    """Starting a target runs its steps in this process, as their units would: the whole reset, begin to finish."""
     for step in (stop_machines.STEP, remove_links.STEP, remove_routing.STEP, remove_machine_trees.STEP):
         monkeypatch.setattr(type(step), "plan", lambda self, ctx: [])  # machined and netlink: their own tests
         monkeypatch.setattr(type(step), "apply", lambda self, ctx, rec: None)
@@ -154,6 +169,9 @@ def test_the_real_steps_end_to_end_with_the_lock_held_for_the_run(monkeypatch, t
     key = root / "etc/wireguard/server.priv"
     key.parent.mkdir(parents=True)
     key.write_text("x")
+    agent = root / "var/lib/unbounded-agent/bin/unbounded-agent-blue"
+    agent.parent.mkdir(parents=True)
+    agent.write_text("the agent")
     monkeypatch.setenv("UNBOUNDED_AGENT_CONFIG", str(tmp_path / "absent.yaml"))
 
     class Units:
@@ -161,6 +179,9 @@ def test_the_real_steps_end_to_end_with_the_lock_held_for_the_run(monkeypatch, t
             return []
 
         def running(self, name):
+            return False
+
+        def reporting(self, name):
             return False
 
         def enabled(self, name):
@@ -181,8 +202,10 @@ def test_the_real_steps_end_to_end_with_the_lock_held_for_the_run(monkeypatch, t
     monkeypatch.setattr(systemd, "wait_jobs_done", lambda jobs, **kw: None)
     checkpoints = []
     with HostLock(RUN, "reset").acquire():
-        out = api.run(SPEC, before_removal=lambda phase1: checkpoints.append(read_checkpoint()))
+        out = api.run(SPEC, before_daemon_stops=lambda phase1: checkpoints.append((read_checkpoint(), agent.exists())))
     assert out.succeeded, out
+    checkpoints, agent_there = [c for c, _ in checkpoints], [a for _, a in checkpoints]
+    assert agent_there == [False]  # at the gate the agent's files are gone already: only the daemon stops after it
     assert [p.succeeded for p in out.phases] == [True, True]
     assert checkpoints[0].run_id == RUN and checkpoints[0].all_wg is True  # phase 1 ran under the run's checkpoint
     assert read_checkpoint() is None and not key.exists()

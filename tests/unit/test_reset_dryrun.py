@@ -27,6 +27,9 @@ class FakeUnits:
     def running(self, name):
         return name in self.running_units
 
+    def reporting(self, name):
+        return name in self.running_units
+
     def enabled(self, name):
         return name in self.enabled_units
 
@@ -54,7 +57,8 @@ def host(tmp_path, monkeypatch):
         machines.MachineState(m, m == "kube1", "active" if m == "kube1" else "inactive",
                               "enabled" if m == "kube1" else "disabled") for m in names])
     monkeypatch.setattr(netlinks, "list_links", lambda: list(LINKS))
-    monkeypatch.setattr(routing, "inventory", lambda link_names=None: list(ROUTES))
+    monkeypatch.setattr(routing, "inventory", lambda link_names=None, tables=None: [
+        e for e in ROUTES if tables is None or e.table in tables])
     for name in ("remove", "_ipr"):  # a dry run deletes nothing: make sure nothing could
         monkeypatch.setattr(netlinks, name, None)
         monkeypatch.setattr(routing, name, None)
@@ -73,7 +77,7 @@ def test_every_step_in_order_with_what_it_would_do_and_nothing_changes(host):
     before = snapshot(root)
     plan = dry_run(ctx)
     assert [(s["number"], s["step"], s["phase"]) for s in plan] == [(s.number, s.name, s.phase) for s in work_steps()]
-    assert [s["number"] for s in plan] == list(range(1, 9))
+    assert [s["number"] for s in plan] == [1, 2, 3, 4, 5, 6, 7, 7, 8]  # step 7: remove-agent, then stop-daemon
     by = {s["step"]: s for s in plan}
     assert all(by[s.name]["title"] == s.title for s in work_steps())
     assert [(i["what"], i["action"]) for i in by["stop-machines"]["items"]] == [
@@ -84,8 +88,9 @@ def test_every_step_in_order_with_what_it_would_do_and_nothing_changes(host):
     assert [i["what"] for i in by["remove-nspawn-config"]["items"]] == ["file /etc/systemd/nspawn/kube1.nspawn"]
     assert [i["what"] for i in by["remove-machine-trees"]["items"]] == ["machine tree /var/lib/machines/kube2"]
     assert [(i["what"], i["action"]) for i in by["remove-agent"]["items"]] == [
-        (f"running unit {DAEMON}", "stop"), (f"enabled unit {DAEMON}", "disable"),
         ("file /var/lib/unbounded-agent/bin/unbounded-agent-blue", "remove"), ("directory /var/lib/unbounded-agent", "remove")]
+    assert [(i["what"], i["action"]) for i in by["stop-daemon"]["items"]] == [
+        (f"running unit {DAEMON}", "stop"), (f"enabled unit {DAEMON}", "disable")]
     assert by["reload-systemd"]["items"] == []
     assert all("error" not in s for s in plan)
     assert snapshot(root) == before and units.calls == []

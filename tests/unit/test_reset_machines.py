@@ -13,11 +13,12 @@ class FakeHost:
     machine1 would show them through unbounded_agent.systemd."""
 
     def __init__(self, running=(), stubborn=(), undying=(), enabled=(), scope_only=(), machined_down=False,
-                 unreadable_file_state=(), refuse_disable=()):
+                 unreadable_file_state=(), refuse_disable=(), machined_absent=False):
         self.running, self.stubborn, self.undying = set(running), set(stubborn), set(undying)
         self.enabled = set(enabled)
         self.scope_only = set(scope_only)  # registered from a scope: no running unit of ours to stop
         self.machined_down, self.unreadable, self.refuse_disable = machined_down, set(unreadable_file_state), set(refuse_disable)
+        self.machined_absent = machined_absent  # no systemd-machined on this host: nothing is registered
         self.calls = []
 
     @staticmethod
@@ -25,11 +26,16 @@ class FakeHost:
         return unit.split("@")[1].split(".")[0]
 
     def list_machines(self):
+        if self.machined_absent:
+            raise systemd.SystemdError("cannot list machines through systemd-machined: The name "
+                                       "org.freedesktop.machine1 was not provided by any .service files")
         if self.machined_down:
             raise systemd.SystemdError("cannot list machines through systemd-machined: Connection refused")
         return set(self.running)
 
     def unit_file_state(self, unit):
+        if unit == machines.MACHINED_UNIT:
+            return "not-found" if self.machined_absent else "static"
         m = self._machine(unit)
         if m in self.unreadable:
             raise systemd.SystemdError(f"cannot read the unit file state of {unit}: Access denied")
@@ -55,6 +61,8 @@ class FakeHost:
 
     def kill_machine(self, name, who, signal):
         self.calls.append(("kill-machine", name, who, signal))
+        if self.machined_absent:
+            raise systemd.SystemdError("cannot kill machine: org.freedesktop.machine1 was not provided")
         if name not in self.undying:
             self.running.discard(name)
 
@@ -175,3 +183,32 @@ def test_state_meanings():
     s = machines.MachineState("kube1", registered=True, unit_active_state="inactive", unit_file_state="not-found")
     assert s.running and not s.enabled  # registered counts as running even without our unit
     assert machines.unit_of("kube1") == "systemd-nspawn@kube1.service"
+
+
+def test_without_machined_nothing_is_registered_and_the_units_are_still_stopped(fake):
+    host = fake(running={"kube1", "kube2"}, enabled={"kube1"}, machined_absent=True)
+    states = {s.name: s for s in machines.inspect()}
+    assert [(s.registered, s.running) for s in states.values()] == [(False, True), (False, True)]
+    assert machines.disable("kube1") is True
+    outcomes = machines.stop(graceful_timeout=1, terminate_timeout=1)
+    assert [(o.machine, o.was_running, o.forced) for o in outcomes] == [("kube1", True, False), ("kube2", True, False)]
+    assert ("stop", "kube1") in host.calls and ("stop", "kube2") in host.calls
+    assert not host.running
+
+
+def test_without_machined_a_stubborn_unit_is_killed_through_systemd(fake, monkeypatch):
+    host = fake(running={"kube1"}, stubborn={"kube1"}, machined_absent=True)
+
+    def kill_unit(unit, who, signal):  # with no machined, only systemd can kill the machine's processes
+        host.calls.append(("kill-unit", host._machine(unit), who, signal))
+        host.running.discard(host._machine(unit))
+    monkeypatch.setattr(systemd, "kill_unit", kill_unit)
+    outcomes = machines.stop(graceful_timeout=0.2, terminate_timeout=1)
+    assert outcomes[0].forced and not host.running
+
+
+def test_machined_installed_but_failing_still_fails_closed(fake):
+    fake(machined_down=True)
+    with pytest.raises(OpsError) as e:
+        machines.inspect()
+    assert e.value.reason is Reason.INVENTORY_FAILED

@@ -1,5 +1,7 @@
-"""Step 7: stop the upgrade units and the daemon, disable the agent's units, remove its slots, config, state
-and unit files — and nothing outside the agent's own places (a shared bin dir, a state dir not named for it)."""
+"""Step 7's removals: stop the upgrade units, stop and disable the recovery and bootstrap units, remove the
+agent's state, config, unit files and (last) binaries — while the daemon keeps running — and nothing outside
+the agent's own places (a shared bin dir, a state dir not named for it, an operator's own unbounded-agent).
+Nothing is removed unless everything can be."""
 
 import fnmatch
 import os
@@ -20,8 +22,9 @@ DAEMON = "unbounded-agent-daemon.service"
 class FakeUnits:
     """Stands in for step.AgentUnits: units that run or are enabled until stopped / disabled."""
 
-    def __init__(self, running=(), enabled=(), stuck=()):
+    def __init__(self, running=(), enabled=(), stuck=(), no_process=()):
         self.running_units, self.enabled_units, self.stuck = set(running), set(enabled), set(stuck)
+        self.no_process = set(no_process)  # running units without a main process (waiting to be restarted)
         self.calls = []
 
     def matching(self, patterns):
@@ -29,6 +32,9 @@ class FakeUnits:
 
     def running(self, name):
         return name in self.running_units
+
+    def reporting(self, name):
+        return name in self.running_units and name not in self.no_process
 
     def enabled(self, name):
         return name in self.enabled_units
@@ -76,7 +82,7 @@ def write(root, path, text="x"):
     return p
 
 
-def test_remove_agent_stops_disables_and_removes_but_not_outside_its_own_dirs(host):
+def test_the_agents_files_go_and_the_daemon_keeps_running(host):
     root = host.root
     bin_dir = "/var/lib/unbounded-agent/bin"
     for name in ("unbounded-agent-blue", "unbounded-agent-green", ".unbounded-agent-current.tmp-1a2b"):
@@ -97,17 +103,26 @@ def test_remove_agent_stops_disables_and_removes_but_not_outside_its_own_dirs(ho
 
     report = host.run()
     assert report.result == "succeeded", report
-    # An upgrade unit at work would put a binary back: the upgrade units stop first, then the daemon.
-    assert host.units.calls == [
-        ("stop", "unbounded-upgrade-probation.service"), ("stop", "unbounded-upgrade@x.service"), ("stop", DAEMON),
-        ("disable", DAEMON), ("disable", "unbounded-agent-bootstrap.service")]
-    assert host.units.running_units == {"ssh.service"} and host.units.enabled_units == {"ssh.service"}
+    # An upgrade unit at work would put a binary back: it stops first. The daemon is left to stop-daemon.
+    assert host.units.calls == [("stop", "unbounded-upgrade-probation.service"), ("stop", "unbounded-upgrade@x.service"),
+                                ("disable", "unbounded-agent-bootstrap.service")]
+    assert host.units.running_units == {DAEMON, "ssh.service"} and host.units.enabled_units == {DAEMON, "ssh.service"}
     assert not (root / "var/lib/unbounded-agent").exists()
     assert not (root / "etc/unbounded/agent").exists()
     assert os.listdir(root / "usr/local/bin") == ["kubectl"]
     assert os.listdir(root / "etc/systemd/system") == ["other.service"]
-    assert "running unit unbounded-agent-daemon.service" in report.removed
     assert "file /usr/local/bin/unbounded-agent-blue" in report.removed
+    # state first; the config and the binaries last, so a daemon restarted while the step runs still starts
+    files = [r for r in report.removed if r.split()[0] in ("file", "directory", "link")]
+    assert files == [
+        "file /var/lib/unbounded-agent/upgrade.json",
+        f"file /etc/systemd/system/{DAEMON}", f"directory /etc/systemd/system/{DAEMON}.d",
+        "directory /etc/unbounded/agent",
+        "file /usr/local/bin/unbounded-agent-blue", "file /usr/local/bin/.unbounded-agent-current.tmp-9f9f",
+        "link /var/lib/unbounded-agent/bin/unbounded-agent-current", "file /var/lib/unbounded-agent/bin/unbounded-agent-blue",
+        "file /var/lib/unbounded-agent/bin/unbounded-agent-green",
+        "file /var/lib/unbounded-agent/bin/.unbounded-agent-current.tmp-1a2b",
+        "directory /var/lib/unbounded-agent"]  # the state dir that held the default bin dir, once empty of the agent
 
 
 def test_running_it_again_changes_nothing_and_succeeds(host):
@@ -139,13 +154,23 @@ def test_a_config_kept_elsewhere_goes_too(host):
     assert os.listdir(host.root / "srv/agent") == ["keep"]
 
 
-def test_a_daemon_that_does_not_stop_fails_the_step(host):
-    host.units.running_units = {DAEMON}
-    host.units.stuck = {DAEMON}
+def test_an_upgrade_unit_that_does_not_stop_fails_the_step_and_nothing_goes(host):
+    write(host.root, "/var/lib/unbounded-agent/bin/unbounded-agent-blue")
+    host.units.running_units = {DAEMON, "unbounded-upgrade-probation.service"}
+    host.units.stuck = {"unbounded-upgrade-probation.service"}
     report = host.run()
     assert (report.result, report.reason) == ("failed", "ExecutionFailed")
     first = report.failed[0]
-    assert (first.item, first.error) == (f"running unit {DAEMON}", f"{DAEMON} did not stop within 120 s")
+    assert (first.item, first.error) == ("running unit unbounded-upgrade-probation.service",
+                                         "unbounded-upgrade-probation.service did not stop within 120 s")
+    assert (host.root / "var/lib/unbounded-agent/bin/unbounded-agent-blue").exists()
+
+
+def test_a_daemon_without_a_process_is_stopped_so_systemd_does_not_start_it_again(host):
+    host.units.running_units = {DAEMON}
+    host.units.no_process = {DAEMON}  # activating (auto-restart): it cannot report anything
+    assert host.run().succeeded
+    assert host.units.calls == [("stop", DAEMON)]
 
 
 def test_a_systemd_error_while_disabling_is_reported_on_its_unit(host):
@@ -153,22 +178,75 @@ def test_a_systemd_error_while_disabling_is_reported_on_its_unit(host):
         def disable(self, name):
             raise RuntimeError("Access denied")
 
-    host.units = Refusing(enabled={DAEMON})
+    recovery = "unbounded-agent-daemon-recovery.service"
+    host.units = Refusing(enabled={DAEMON, recovery})
     report = host.run()
     assert (report.result, report.reason) == ("failed", "ExecutionFailed")
     assert (report.failed[0].item, report.failed[0].error) == (
-        f"enabled unit {DAEMON}", f"cannot disable {DAEMON}: Access denied")
+        f"enabled unit {recovery}", f"cannot disable {recovery}: Access denied")
 
 
 def test_the_plan_lists_units_to_stop_and_disable_and_the_files(host):
     write(host.root, "/var/lib/unbounded-agent/bin/unbounded-agent-blue")
     host.units.running_units = {DAEMON, "unbounded-upgrade-stage@r1.service"}
-    host.units.enabled_units = {"unbounded-agent-daemon-recovery.service"}
+    host.units.enabled_units = {DAEMON, "unbounded-agent-daemon-recovery.service"}
     ctx = context_from(Recorded(bin_dir="/var/lib/unbounded-agent/bin", state_dir="/var/lib/unbounded-agent"),
                        root=str(host.root), systemd=host.units)
     plan = [(i.what, i.action) for i in remove_agent.STEP.plan(ctx)]
-    assert plan == [("running unit unbounded-upgrade-stage@r1.service", "stop"), (f"running unit {DAEMON}", "stop"),
+    assert plan == [("running unit unbounded-upgrade-stage@r1.service", "stop"),
                     ("enabled unit unbounded-agent-daemon-recovery.service", "disable"),
                     ("file /var/lib/unbounded-agent/bin/unbounded-agent-blue", "remove"),
                     ("directory /var/lib/unbounded-agent", "remove")]
     assert host.units.calls == [] and (host.root / "var/lib/unbounded-agent/bin/unbounded-agent-blue").exists()
+
+
+def test_nothing_goes_when_a_tree_cannot_be_removed(host, monkeypatch):
+    from unbounded_agent.reset import treeremove
+
+    write(host.root, "/var/lib/unbounded-agent/bin/unbounded-agent-blue")
+    write(host.root, "/etc/unbounded/agent/config.yaml")
+    real_prepare = treeremove.prepare
+
+    def prepare(path):
+        if path.endswith("/var/lib/unbounded-agent"):
+            raise OpsError(Reason.UNSAFE_REMOVAL, f"refusing to remove {path}: .../locked is immutable (see lsattr)")
+        return real_prepare(path)
+    monkeypatch.setattr(treeremove, "prepare", prepare)
+    report = host.run()
+    assert (report.result, report.reason, report.removed) == ("failed", "UnsafeRemoval", [])
+    assert (host.root / "etc/unbounded/agent/config.yaml").exists()
+    assert (host.root / "var/lib/unbounded-agent/bin/unbounded-agent-blue").exists()
+
+
+BIN = "/usr/local/bin"
+
+
+@pytest.mark.parametrize("compat, ours", [
+    ("link to current", True), ("absolute link to a slot", True), ("our zipapp", True), ("a copy of a slot", True),
+    ("an operator's file", False), ("an operator's link", False)])
+def test_bin_dir_unbounded_agent_goes_only_when_it_is_the_agents(host, compat, ours):
+    import zipfile
+
+    root = host.root
+    write(root, f"{BIN}/unbounded-agent-blue", "agent v1")
+    os.symlink("unbounded-agent-blue", root / BIN.lstrip("/") / "unbounded-agent-current")
+    path = root / BIN.lstrip("/") / "unbounded-agent"
+    if compat == "link to current":
+        os.symlink("unbounded-agent-current", path)
+    elif compat == "absolute link to a slot":
+        os.symlink(f"{BIN}/unbounded-agent-blue", path)
+    elif compat == "our zipapp":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("__main__.py", "")
+            z.writestr("unbounded_agent/version.py", "VERSION = '0.9'")
+    elif compat == "a copy of a slot":
+        write(root, f"{BIN}/unbounded-agent", "agent v1")
+    elif compat == "an operator's file":
+        write(root, f"{BIN}/unbounded-agent", "#!/bin/sh\nexec /opt/vendor/agent \"$@\"\n")
+    else:
+        os.symlink("/opt/vendor/agent", path)
+    host.checkpoint(bin_dir=BIN, state_dir="/var/lib/unbounded-agent")
+    report = host.run()
+    assert report.succeeded, report
+    assert os.path.lexists(path) is not ours
+    assert os.listdir(root / BIN.lstrip("/")) == ([] if ours else ["unbounded-agent"])

@@ -75,6 +75,8 @@ def run(tmp_path, monkeypatch):
         write_checkpoint(Checkpoint(run_id=RUN, all_wg=all_wg), tmp_path / "reset")
         return run_step(remove_links.STEP, directory=tmp_path / "reset")
 
+    run.dir = tmp_path / "reset"
+
     with HostLock(RUN, "reset").acquire():
         yield run
 
@@ -117,3 +119,22 @@ def test_the_plan_names_each_link_and_its_kind(monkeypatch):
     plan = remove_links.STEP.plan(Context(machine_name="m", bin_dirs=(), state_dirs=()))
     assert [str(i) for i in plan] == ["link cbr0 (bridge)", "link vxlan0 (vxlan)", "link wg51820 (wireguard)"]
     assert net.names() == ["cbr0", "eth0", "lo", "vxlan0", "wg-office", "wg0", "wg51820"]
+
+
+def test_the_tables_of_the_agents_wg_links_are_recorded_before_the_links_go(run):
+    from unbounded_agent.reset.reports import read_checkpoint
+
+    seen = []
+    net = FakeNetlink(LINKS + [Msg(8, "wg51833", "wireguard")])
+    real_link = net.link
+
+    def link(op, index):  # what the checkpoint says at the moment each link is deleted
+        seen.append(read_checkpoint(run.dir).tables)
+        real_link(op, index)
+    net.link = link
+    report = run(net)
+    assert report.succeeded
+    assert seen and all(tables == [51820, 51833] for tables in seen)
+    assert read_checkpoint(run.dir).tables == [51820, 51833]
+    # wg0 is not the agent's: its table (wg-quick's 51820 upward, if it has one) is not recorded by its name
+    assert "the agent's routing tables (of its wg links): 51820, 51833" in report.notes

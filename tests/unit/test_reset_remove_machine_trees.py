@@ -1,5 +1,6 @@
-"""Step 5: the root trees of kube1 and kube2 go — never while the machine runs or while that cannot be told,
-never through a symlink; kube10's stays. (Mounts inside a tree: see test_reset_treeremove.py.)"""
+"""Step 5: the root trees and .raw images of kube1 and kube2 go — never while the machine runs or while that
+cannot be told, never through a symlink; kube10's stay; a symlinked /var/lib/machines is followed and kept.
+(Mounts inside a tree, deep trees and btrfs: see test_reset_treeremove.py.)"""
 
 import os
 
@@ -49,7 +50,7 @@ def test_the_trees_of_kube1_and_kube2_go_and_kube10_stays(host):
     assert report.removed == ["machine tree /var/lib/machines/kube1", "machine tree /var/lib/machines/kube2"]
     assert os.listdir(host.root / "var/lib/machines") == ["kube10"]
     again = host.run()
-    assert (again.result, again.removed, len(again.absent)) == ("succeeded", [], 2)
+    assert (again.result, again.removed, len(again.absent)) == ("succeeded", [], 4)  # two trees, two images
 
 
 def test_the_tree_of_a_running_machine_is_refused(host):
@@ -81,3 +82,50 @@ def test_a_symlinked_tree_is_unlinked_not_followed(host):
     assert host.run().succeeded
     assert (elsewhere / "etc/hostname").read_text() == "kube1"
     assert os.listdir(host.root / "var/lib/machines") == ["kube10"]
+
+
+def test_raw_images_named_after_the_machines_go_and_others_stay(host):
+    machines_dir = host.root / "var/lib/machines"
+    for name in ("kube1.raw", "kube10.raw", "kube2.raw.bak"):
+        (machines_dir / name).write_bytes(b"\0" * 512)
+    (host.root / "srv").mkdir()
+    (host.root / "srv/image.raw").write_bytes(b"image")
+    (machines_dir / "kube2.raw").symlink_to(host.root / "srv/image.raw")
+    report = host.run()
+    assert report.succeeded, report
+    assert "machine image /var/lib/machines/kube1.raw" in report.removed
+    assert "machine image /var/lib/machines/kube2.raw" in report.removed
+    assert sorted(os.listdir(machines_dir)) == ["kube10", "kube10.raw", "kube2.raw.bak"]
+    assert (host.root / "srv/image.raw").read_bytes() == b"image"  # a linked image: only the link goes
+
+
+def test_the_image_of_a_running_machine_is_refused(host):
+    (host.root / "var/lib/machines/kube2.raw").write_bytes(b"\0")
+    host.running = {"kube2"}
+    report = host.run()
+    assert [f.item for f in report.failed] == ["machine tree /var/lib/machines/kube2",
+                                                "machine image /var/lib/machines/kube2.raw"]
+    assert (host.root / "var/lib/machines/kube2.raw").exists()
+
+
+def test_a_symlinked_machines_dir_is_followed_and_kept(host):
+    srv = host.root / "srv/machines"
+    srv.parent.mkdir(parents=True)
+    os.rename(host.root / "var/lib/machines", srv)
+    (srv / "other").mkdir()
+    (host.root / "var/lib/machines").symlink_to(srv)
+    report = host.run()
+    assert report.succeeded, report
+    assert sorted(os.listdir(srv)) == ["kube10", "other"]
+    assert (host.root / "var/lib/machines").is_symlink()
+
+
+def test_an_unreadable_machines_dir_fails_closed(host, monkeypatch):
+    from unbounded_agent.reset import step
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(step.os, "lstat", denied)
+    report = host.run()
+    assert (report.result, report.reason) == ("failed", "InventoryFailed")
+    assert "cannot tell whether" in report.failed[0].error and report.removed == []

@@ -124,3 +124,82 @@ def test_a_failed_delete_is_fine_only_if_a_new_inventory_shows_it_gone(monkeypat
 
     monkeypatch.setattr(routing, "inventory", lambda link_names=None: [])  # gone meanwhile (e.g. with its link)
     routing.remove(entry)
+
+
+class _Msg(dict):
+    """A dumped rule or route as pyroute2 gives it: header fields by key, attributes by get_attr."""
+
+    def __init__(self, family, table, **attrs):
+        super().__init__(family=family, table=table, src_len=0, dst_len=0, type=6)
+        self.attrs = attrs
+
+    def get_attr(self, name):
+        return self.attrs.get(name)
+
+
+class _UnspecFallbackKernel:
+    """A kernel booted with ipv6.disable=1: no IPv6 handlers, so a dump for AF_INET6 falls back to the
+    all-families dump and returns the IPv4 entries."""
+
+    rules = [_Msg(2, 51820, FRA_TABLE=51820, FRA_PRIORITY=100)]
+    routes = [_Msg(2, 51820, RTA_TABLE=51820, RTA_DST="10.244.9.0")]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        pass
+
+    def get_links(self):
+        return []
+
+    def get_rules(self, family):
+        return list(self.rules)
+
+    def route(self, op, family):
+        return list(self.routes)
+
+
+def test_a_kernel_without_ipv6_has_an_empty_ipv6_inventory(monkeypatch, tmp_path):
+    monkeypatch.setattr(routing, "_ipr", _UnspecFallbackKernel)
+    (tmp_path / "net" / "ipv4").mkdir(parents=True)  # what ipv6.disable=1 leaves in /proc/sys/net: no ipv6
+    monkeypatch.setattr(routing, "IPV6_PROC", str(tmp_path / "net" / "ipv6"))
+    assert [e.describe() for e in routing.inventory()] == [
+        "rule ipv4 pref 100 from all lookup 51820", "route ipv4 table 51820 blackhole 10.244.9.0/0"]
+
+
+def test_a_kernel_whose_sysctls_cannot_be_seen_is_not_taken_for_one_without_ipv6(monkeypatch, tmp_path):
+    from unbounded_agent.reasons import OpsError, Reason
+
+    monkeypatch.setattr(routing, "_ipr", _UnspecFallbackKernel)
+    monkeypatch.setattr(routing, "IPV6_PROC", str(tmp_path / "no-proc" / "ipv6"))
+    with pytest.raises(OpsError) as e:
+        routing.inventory()
+    assert e.value.reason is Reason.INVENTORY_FAILED
+
+
+def test_entries_of_another_family_in_a_dump_are_never_taken_for_ipv6(monkeypatch):
+    monkeypatch.setattr(routing, "_ipr", _UnspecFallbackKernel)
+    monkeypatch.setattr(routing, "IPV6_PROC", "/")  # IPv6 "there", yet the kernel answers with IPv4 entries
+    assert [e.family for e in routing.inventory()] == [2, 2]
+
+
+def test_ipv6_disabled_by_sysctl_is_an_empty_ipv6_inventory_not_an_error():
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private network namespace")
+    script = ("ip link set lo up\nip rule add from 10.9.0.0/16 lookup 51820 pref 100\n"
+              "ip route add blackhole 10.2.0.0/24 table 51820\n"
+              "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1\n"
+              f"exec /usr/bin/python3 -c '{PROBE}' {LIB}\n")
+    r = subprocess.run(["unshare", "--net", "sh", "-ec", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["before"] == ["rule ipv4 pref 100 from 10.9.0.0/16 lookup 51820",
+                             "route ipv4 table 51820 blackhole 10.2.0.0/24"]
+    assert out["after"] == []
+
+
+def test_only_the_given_tables_are_listed(monkeypatch):
+    monkeypatch.setattr(routing, "_ipr", _UnspecFallbackKernel)
+    assert routing.inventory(tables={51833}) == []
+    assert len(routing.inventory(tables={51820})) == 2

@@ -30,9 +30,44 @@ def calls(monkeypatch):
 
 
 def test_an_unreadable_unit_file_state_is_an_error_not_disabled(calls):
-    with pytest.raises(systemd.SystemdError):
+    with pytest.raises(OpsError) as e:
         AgentUnits().enabled("unreadable.service")
+    assert e.value.reason is Reason.INVENTORY_FAILED and "Access denied" in e.value.message
     assert AgentUnits().enabled(DAEMON) and not AgentUnits().enabled("gone.service")
+
+
+def test_an_unreadable_unit_state_is_an_error_not_stopped(calls, monkeypatch):
+    def unreachable(name):
+        raise systemd.SystemdError(f"cannot query {name} over D-Bus: Could not open a bus to DBus")
+    monkeypatch.setattr(systemd, "unit_state", unreachable)
+    monkeypatch.setattr(systemd, "list_units", lambda patterns: unreachable("*"))
+    for call in (lambda: AgentUnits().running(DAEMON), lambda: AgentUnits().reporting(DAEMON),
+                 lambda: AgentUnits().matching(("u@*.service",))):
+        with pytest.raises(OpsError) as e:
+            call()
+        assert e.value.reason is Reason.INVENTORY_FAILED
+
+
+def test_a_daemon_reports_only_while_its_process_runs(calls, monkeypatch):
+    monkeypatch.setattr(systemd, "unit_state", lambda name: {"active_state": "activating", "main_pid": 0})
+    assert AgentUnits().running(DAEMON) and not AgentUnits().reporting(DAEMON)  # waiting to be restarted
+    monkeypatch.setattr(systemd, "unit_state", lambda name: {"active_state": "active", "main_pid": 77})
+    assert AgentUnits().reporting(DAEMON)
+
+
+def test_a_path_that_cannot_be_looked_at_is_not_taken_for_absent(tmp_path, monkeypatch):
+    from unbounded_agent.reset import step
+
+    assert step.exists(str(tmp_path)) and not step.exists(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("x")
+    assert not step.exists(str(tmp_path / "file" / "below"))  # under a file: cannot exist
+
+    def eio(path):
+        raise OSError(5, "Input/output error", path)
+    monkeypatch.setattr(step.os, "lstat", eio)
+    with pytest.raises(OpsError) as e:
+        step.exists(str(tmp_path))
+    assert e.value.reason is Reason.INVENTORY_FAILED and "Input/output error" in e.value.message
 
 
 def test_a_unit_still_enabled_after_disabling_is_an_error(calls):

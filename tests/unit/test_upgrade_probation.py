@@ -64,6 +64,7 @@ def test_watch_does_not_take_the_old_invocation_for_the_new_daemon(cfg):
 def test_watch_reports_how_the_new_daemon_failed_before_ready(cfg, snaps, expect):
     failure, invocation = watch(cfg, snaps)
     assert "exited before it reported ready" in failure.detail and invocation == "new"
+    assert failure.cause == probation.EXITED_BEFORE_READY  # the rollbacks metric's reason
     for k, v in expect.items():
         assert getattr(failure, k) == v
 
@@ -71,6 +72,7 @@ def test_watch_reports_how_the_new_daemon_failed_before_ready(cfg, snaps, expect
 def test_watch_reports_a_daemon_that_stops_during_the_window(cfg):
     failure, _ = watch(cfg, [{"invocation": "new", "active_state": "active"}, crashed(3)])
     assert "stopped during probation" in failure.detail and failure.exit_code == 3
+    assert failure.cause == probation.STOPPED
     assert failure.text() == f"{failure.detail} (exit code 3)"
 
 
@@ -84,7 +86,7 @@ def test_watch_reports_a_daemon_restarted_behind_its_back(cfg, change):
 def test_watch_reports_a_daemon_that_never_gets_ready(cfg):
     failure, _ = watch(cfg, [{"invocation": "new", "active_state": "activating", "sub_state": "start", "job": 1}])
     assert "did not report ready within 2 s" in failure.detail and "activating/start" in failure.detail
-    assert failure.exit_code is None and failure.text() == failure.detail
+    assert failure.exit_code is None and failure.text() == failure.detail and failure.cause == probation.NOT_READY
 
 
 # -- the step -----------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ _DAEMON = ("Run the agent daemon: the MachineOperation watcher. It lists and wat
            "cannot be reached) and feeds a watchdog it arms itself. Without a kubeconfig or an in-cluster service "
            "account it stays ready and idle.")
 _RESET = ("Queue an AgentReset and show each step as it finishes: stop the machines kube1 and kube2, remove the "
-          "agent's links, WireGuard keys, nspawn configuration, machine trees and routing, then the agent itself "
+          "agent's links, WireGuard keys, nspawn configuration, machine trees and images, routing (the tables of the "
+          "agent's wg links only) and the agent's own files, verify, and only then stop and disable the agent daemon "
           "(the units unbounded-agent-reset-phase1.target and unbounded-agent-reset-phase2.target). When the agent "
           "is gone, /usr/libexec/unbounded-agent/unbounded-agent (the toolset's own copy of this program) runs the "
           "same reset again.")

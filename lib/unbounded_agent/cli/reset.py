@@ -1,12 +1,12 @@
 """``unbounded-agent reset [--dry-run] [--json] [--all-wg]``: queue a reset and show each step as it finishes.
 
 The steps run in their own units (reset/), started by the dispatcher under the host-operation lock:
-phase 1 (steps 1-6) first; phase 2 (steps 7-8 and the final verification, which stop and remove the
-agent) only when every phase-1 step succeeded, so that a failed reset leaves a working agent to run it
-again with. This process only submits the request and reads back the reports the steps write and the
-result the dispatcher writes.
+phase 1 (steps 1-6, the removal of the agent's files, and their verification) first, with the daemon
+running; phase 2 (stop and disable the daemon, daemon-reload, the final check) only when every phase-1
+step succeeded. This process only submits the request and reads back the reports the steps write and
+the result the dispatcher writes.
 
-Phase 2 deletes the agent binary this command may be running from (the agent's zipapp, whose modules are
+Phase 1 deletes the agent binary this command may be running from (the agent's zipapp, whose modules are
 imported lazily from the file): everything needed after that is imported before the request is queued.
 The toolset's own copy, /usr/libexec/unbounded-agent/unbounded-agent, stays.
 """
@@ -28,7 +28,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--dry-run", action="store_true", help="print exactly what would be stopped and removed; change nothing")
     ap.add_argument("--json", action="store_true", help="a structured report (removed / already absent / failed, per step)")
     ap.add_argument("--all-wg", action="store_true",
-                    help="also remove every wg<N> link (the docs' broad form), not only the agent's wg51820-wg51899")
+                    help="also remove every wg<N> link (the docs' broad form), not only the agent's wg51820-wg51899, "
+                         "and flush every table of 51820-51899, an operator's wg-quick tunnel's included")
 
 
 def command(args) -> int:
@@ -121,7 +122,7 @@ class _Shown:
         label = f"[{s.number}/8] {s.name}" if 1 <= s.number <= 8 else f"      {s.name}"
         if report.succeeded:
             done = ", ".join(report.removed) if report.removed else "nothing to remove"
-            if s.name in ("begin", "verify", "reload-systemd"):
+            if s.name in ("begin", "verify", "reload-systemd", "finish"):
                 done = report.notes[-1] if report.notes else ""
             line = f"  {label:<32} ok    {done}"
             if report.forced:

@@ -41,6 +41,10 @@ def collect(cfg: Config) -> dict:
     except PermissionError:
         queue = None  # the spool is root's: requests may carry signed URLs
     signal = store.read_signal()
+    results = [records.to_dict(r) for r in spool.recent_results(5)]
+    # the operation running now, else the last one that ended: its whole story, across all its units
+    latest = next((q["operation"] for q in queue or [] if q["state"] == "running"), None) or next(
+        (r["operation"] for r in results), None)
     return {
         "version": VERSION,
         "machine_name": cfg.machine_name,
@@ -52,7 +56,8 @@ def collect(cfg: Config) -> dict:
         "upgrade": upgrade,
         "upgrade_summary": rec.describe() if rec else None,
         "queue": queue,
-        "results": [records.to_dict(r) for r in spool.recent_results(5)],
+        "results": results,
+        "journal": f"journalctl UNBOUNDED_OPERATION={latest}" if latest else None,
         "quarantine": [records.to_dict(q) for q in store.quarantine()],
         "rollback_signal": records.to_dict(signal) if signal else None,
         "daemon": daemon,
@@ -99,6 +104,8 @@ def render(st: dict) -> str:
     for r in st["results"]:
         verdict = "succeeded" if r["succeeded"] else f"failed ({r['reason']})"
         rows.append(("last results", f"{r['finished_at']} {r['kind']} {r['operation']} {verdict}"))
+    if st.get("journal"):
+        rows.append(("journal", f"{st['journal']}  (one operation, all its units)"))
     sig = st.get("rollback_signal")
     if sig:
         rows.append(("rolled back", f"{sig.get('at')} by {sig.get('kind', 'upgrade')} {sig.get('operation')}: "

@@ -74,9 +74,10 @@ def _run(kind: str, url: str, sha256: str | None, force: bool, wait: bool, sourc
     except OpsError as e:
         log.error(str(e))
         return e.reason.exit_code
+    log.bind(operation=req.name, request=req.id, kind=kind)
     print(f"{kind} {req.id} queued", flush=True)
     if not wait:
-        print("follow it with: unbounded-agent status, or journalctl -u unbounded-agent-dispatch -u 'unbounded-upgrade*'")
+        print(f"follow it with: unbounded-agent status, or journalctl UNBOUNDED_OPERATION={req.name} -f")
         return 0
     line = ProgressLine(sys.stdout)
     try:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from .. import log
 from ..version import VERSION
 
 GROUP = "unbounded-cloud.io"
@@ -80,9 +81,29 @@ def build(kubeconfig: str | None) -> Kube:
         where = kubeconfig or "the in-cluster service account"
         raise Unavailable(f"cannot load {where}: {e}") from None
     configuration.retries = 0  # the watcher retries with its own backoff
+    _keep_tls_files(configuration)
     api = client.ApiClient(configuration)
     api.user_agent = USER_AGENT
     return Kube(api, files, seen)
+
+
+def _keep_tls_files(configuration) -> None:
+    """Copy the certificate, key and CA files the client reads into a directory of this process's own: urllib3
+    reads them again for every new connection, and a reset removes the agent's config (the kubeconfig and the
+    files beside it) before this daemon publishes the reset's Complete."""
+    import shutil
+    import tempfile
+
+    private = None
+    for attr in ("cert_file", "key_file", "ssl_ca_cert"):
+        path = getattr(configuration, attr, None)
+        if not path or not os.path.isfile(path):
+            continue
+        private = private or tempfile.mkdtemp(prefix="unbounded-agent-tls-")  # mode 0700
+        copy = os.path.join(private, attr)
+        shutil.copyfile(path, copy)
+        os.chmod(copy, 0o600)
+        setattr(configuration, attr, copy)
 
 
 def credential_files(kubeconfig: str | None) -> list[str]:
@@ -149,7 +170,18 @@ class Client:
         with self._lock:
             why = self._why_rebuild()
             if why:
-                self.current = self.factory()
+                try:
+                    new = self.factory()
+                except Unavailable as e:
+                    if self.current is None or self.current.stale:
+                        raise
+                    # The files changed into something that does not load (half written, or removed by a
+                    # reset that this daemon still reports on): the client it has still works; try again
+                    # only when they change once more.
+                    self.current.signature = signature(self.current.files)
+                    log.warn(f"kept the current client: {why}, but a new one cannot be built: {e}")
+                    return self.current
+                self.current = new
                 self.builds += 1
                 self.on_build(self.current, why)
             assert self.current is not None

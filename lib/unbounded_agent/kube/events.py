@@ -34,15 +34,18 @@ class EventJournal:
 
 
 class Recorder:
-    def __init__(self, kube: Callable[[], kubeclient.Kube], machine: str, directory: str | Path):
+    def __init__(self, kube: Callable[[], kubeclient.Kube], machine: str, directory: str | Path,
+                 on_disk: Callable[[], bool] = lambda: True):
         self.kube = kube
         self.machine = machine
+        self.on_disk = on_disk  # False once a reset removed the agent's state: the journal stays in memory
         self.path = Path(directory) / "journal.json"
         try:
             self.journal = records.load(EventJournal, self.path) or EventJournal()
         except records.CorruptRecord as e:
             log.warn(f"ignoring {e}")
             self.journal = EventJournal()
+        self._saved = False
         self.written = 0  # Events created or bumped on the server
         self._seq = itertools.count(1)
 
@@ -51,7 +54,16 @@ class Recorder:
         return self.journal.pending
 
     def _save(self) -> None:
-        records.save(self.journal, self.path, mode=0o600)
+        if not self.on_disk():  # never make the agent's state directory again
+            return
+        try:
+            if self._saved:
+                self.path.parent.mkdir(mode=0o700, exist_ok=True)  # never its parent: the progress directory
+            records.save(self.journal, self.path, mode=0o600, parents=not self._saved)
+            self._saved = True
+        except FileNotFoundError:  # removed under it (a reset): the progress store learns it on its next write
+            if not self._saved:
+                raise
 
     def add(self, op: dict, reason: str, message: str, warning: bool = False) -> None:
         """An Event on op, written by the next flush (or counted into the same one still waiting)."""

@@ -5,6 +5,10 @@ it, and every step is recorded there before it is taken (write-ahead), so a rest
 upgrade's daemon restart resumes where it was and never submits a host operation twice. The status to
 publish is kept there too, until the server has it. Files are mode 0600: the parameters may hold a
 download URL with a signed query.
+
+An AgentReset removes the agent's files, this state directory included, before the daemon reports the
+reset ``Complete`` (its daemon stops only after that): once the directory that was there is gone, progress
+lives on in memory only, and is never written back (that would put a removed directory back).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class OperationProgress:
 class ProgressStore:
     def __init__(self, state_dir: str | Path):
         self.dir = Path(state_dir) / PROGRESS_DIR
+        self._seen = self.dir.parent.is_dir()  # the state directory existed (systemd makes it for the daemon)
+        self.in_memory = False  # the state directory went (a reset removed it): nothing is written any more
 
     def path(self, uid: str) -> Path:
         return self.dir / f"{uid}.json"
@@ -80,7 +86,30 @@ class ProgressStore:
 
     def save(self, p: OperationProgress) -> None:
         p.updated_at = records.now()
-        records.save(p, self.path(p.uid), mode=0o600)
+        if self.gone():
+            return
+        try:
+            if self._seen:  # the state directory was there: never make it again (a reset removed it)
+                self.dir.mkdir(mode=0o700, exist_ok=True)
+            records.save(p, self.path(p.uid), mode=0o600, parents=not self._seen)
+        except FileNotFoundError:
+            if not self._seen:
+                raise
+            self._lose()
+            return
+        self._seen = True
 
     def remove(self, uid: str) -> None:
-        self.path(uid).unlink(missing_ok=True)
+        if not self.gone():
+            self.path(uid).unlink(missing_ok=True)
+
+    def gone(self) -> bool:
+        """Whether the agent's state directory went (a reset removed it): from then on nothing is written."""
+        if not self.in_memory and self._seen and not self.dir.parent.is_dir():
+            self._lose()
+        return self.in_memory
+
+    def _lose(self) -> None:
+        log.info(f"{self.dir.parent} is gone (a reset removed the agent's files): the progress of operations is "
+                 "kept in memory from now on")
+        self.in_memory = True

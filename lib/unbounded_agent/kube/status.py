@@ -33,7 +33,7 @@ class ApiWriter:
         self.machine = machine
         self.cache = cache  # uid -> the latest copy of each operation of this machine (the watcher's)
         self.store = store
-        self.recorder = Recorder(kube, machine, store.dir / "events")
+        self.recorder = Recorder(kube, machine, store.dir / "events", on_disk=lambda: not store.gone())
         self.api_retry_at = 0.0  # every write waits until then after the server was unavailable
         self._api_backoff = Backoff(1.0, BACKOFF_MAX)
         self._api_down_logged = False

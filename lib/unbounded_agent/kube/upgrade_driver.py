@@ -32,7 +32,7 @@ def drive(w, p: OperationProgress) -> None:
 
 
 def _request(p: OperationProgress, params: dict) -> Request:
-    return Request(id=p.require_request_id(), kind="upgrade", operation=p.operation, source="machineoperation",
+    return Request(id=p.require_request_id(), kind="upgrade", operation=p.operation, uid=p.uid, source="machineoperation",
                    url=params["downloadURL"], sha256=params.get("sha256"), force=bool(params.get("force")))
 
 

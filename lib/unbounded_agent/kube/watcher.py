@@ -28,8 +28,8 @@ from ..config import Config
 from ..queue.spool import Request, Spool
 from ..reasons import OpsError, Reason
 from ..version import VERSION
+from . import adoption, mop, reset_driver, upgrade_driver
 from . import client as kubeclient
-from . import mop, reset_driver, upgrade_driver
 from .listwatch import WATCH_TIMEOUT, ListWatch, rv_newer
 from .progress import ACCEPTED, DONE, SUBMITTED, SUBMITTING, OperationProgress, ProgressStore
 from .status import ApiWriter
@@ -37,6 +37,7 @@ from .status import ApiWriter
 TICK = 1.0
 MAX_UNEXPECTED_ERRORS = 60  # passes (about a minute) of unexpected errors before an operation is failed
 DRIVERS = {mop.AGENT_UPGRADE: upgrade_driver, mop.AGENT_RESET: reset_driver}
+HOST_KINDS = {mop.AGENT_UPGRADE: "upgrade", mop.AGENT_RESET: "reset"}  # the kind of the request each queues
 
 
 class Watcher:
@@ -188,6 +189,8 @@ class Watcher:
                                        f"{' and '.join(sorted(mop.HANDLED))}"))
                 continue
             if mop.phase(op) == mop.IN_PROGRESS:
+                if adoption.adopt(self, op):  # the host's queue still knows it: follow it from there
+                    continue
                 # InProgress on the server but never claimed here: this host's state was lost (or another agent
                 # used this machine name). Running it now could run it twice: fail it, visibly.
                 self.claim(op, failed=(Reason.EXECUTION_FAILED,
@@ -218,6 +221,11 @@ class Watcher:
         u, name, k = mop.uid(op), mop.name(op), mop.kind(op)
         p = OperationProgress(uid=u, name=name, kind=k, claimed_at=mop.now(), operation=f"{name}@{u[:8]}",
                               generation=mop.generation(op))
+        with tagged(p):
+            return self._claim(p, failed)
+
+    def _claim(self, p: OperationProgress, failed: tuple | None) -> OperationProgress:
+        u, name, k = p.uid, p.name, p.kind
         self.api.pending_written.pop(u, None)
         self.progress[u] = p
         if failed:
@@ -249,7 +257,8 @@ class Watcher:
         p.finished_at = mop.now()
         self.set_want(p, phase, reason, message)
         ok = phase == mop.COMPLETE
-        (log.info if ok else log.error)(f"{p.kind} {p.name} {phase}: {reason}: {message}")
+        (log.info if ok else log.error)(f"{p.kind} {p.name} {phase}: {reason}: {message}",
+                                        result="succeeded" if ok else "failed", reason=reason)
         self.event(p, reason if reason != Reason.SUCCEEDED.value else "Completed", message, warning=not ok)
         self.api.flush_one(p)
 
@@ -301,6 +310,7 @@ class Watcher:
 
         p.step = next_step
         p.request_id = p.request_id or new_id("mop")
+        log.bind(request=p.request_id)  # inside the operation's log.context: for its lines only
         self.set_want(p, mop.IN_PROGRESS, mop.REASON_IN_PROGRESS, message)
         self.api.flush_one(p)
 
@@ -326,6 +336,10 @@ class Watcher:
         """The operation's driver, with its errors mapped: an OpsError is the operation's failure; anything
         else (a bug, the state dir unwritable) is retried on the next passes, and fails the operation only
         if it persists."""
+        with tagged(p):
+            self._drive_tagged(p)
+
+    def _drive_tagged(self, p: OperationProgress) -> None:
         try:
             DRIVERS[p.kind].drive(self, p)
             self.errors.pop(p.uid, None)
@@ -372,16 +386,12 @@ class Watcher:
         self.api.recorder.forget(set(self.cache) | set(self.progress))
 
 
+def tagged(p: OperationProgress):
+    """The journal's fields of operation p (log.context) for what the watcher logs about it."""
+    return log.context(operation=p.operation, uid=p.uid, kind=HOST_KINDS.get(p.kind, p.kind), request=p.request_id)
+
+
 def ready_grace(cfg: Config) -> float:
     """How long after start the daemon reports ready without having listed: readyWithoutApiSeconds, and never
     more than half of readyTimeoutSeconds, so upgrade probation always sees it ready in time."""
     return min(cfg.ready_without_api_seconds, cfg.ready_timeout_seconds / 2)
-
-
-def run_standalone(cfg: Config, stop: threading.Event, notify) -> None:
-    """No cluster configured (no kubeconfig, not in a pod): nothing to watch. Stay up, ready and quiet, so
-    that the host-side operations (`unbounded-agent upgrade`, probation) work without a cluster."""
-    notify(READY=1, STATUS=f"unbounded-agent {VERSION}: no cluster configured (kubeconfig unset, not in a pod); "
-                           "not watching MachineOperations")
-    log.info("no kubeconfig configured and no in-cluster service account: not watching MachineOperations")
-    stop.wait()

@@ -8,9 +8,11 @@ its result; removes the request. It exits when nothing waits: the path unit star
 request, also for one that arrived while it was exiting (systemd checks the directory again when the
 service stops).
 
-A reset that is about to remove the agent first gives every request queued behind it a ``Superseded``
-result, and, when its requester asked for it (the watcher, which reports ``Complete`` first), waits at a
-gate until the requester has reported.
+A reset whose every step that can fail has succeeded (the agent's files are gone; only its daemon still
+runs) first gives every request queued behind it a ``Superseded`` result, and, when its requester asked for
+it (the watcher, which reports ``Complete`` there), waits at a gate until the requester has reported —
+or can no longer report (the daemon has no process: it cannot start again without its files) — before it
+stops the daemon.
 """
 
 from __future__ import annotations
@@ -30,7 +32,22 @@ GATE_LOG_SECONDS = 60.0
 
 def main(argv: list[str] | None = None) -> int:
     program.parser("unbounded-agent-dispatch", __doc__).parse_args(argv)
+    preload()
     return program.run("unbounded-agent-dispatch", run, config=False)
+
+
+def preload() -> None:
+    """Import now everything a run may need: a package upgrade that replaces the library while this
+    dispatcher runs an operation must not hand it half old and half new modules (it finishes with the code
+    it started with; the next dispatcher runs the new one)."""
+    from .. import config, layout, urls  # noqa: F401
+    from ..reset import api as reset_api  # noqa: F401
+    from ..reset.steps import all_steps
+    from ..upgrade import api as upgrade_api  # noqa: F401
+    from ..upgrade import record, resume  # noqa: F401
+    from . import metrics  # noqa: F401
+
+    all_steps()
 
 
 def run(spool: Spool | None = None) -> None:
@@ -53,14 +70,29 @@ def run(spool: Spool | None = None) -> None:
         path, req = entry
         if req is None or req.kind not in ("upgrade", "rollback", "reset"):
             rid = path.name.split("-", 1)[1].rsplit(".", 1)[0]
-            spool.finish(path, Result(id=rid, kind=getattr(req, "kind", "?"), operation=rid, source="?", succeeded=False,
-                                      reason=Reason.INVALID_PARAMETERS.value, message=f"unreadable request {path.name}",
-                                      finished_at=records.now()))
+            finish(cfg, spool, path, Result(id=rid, kind=getattr(req, "kind", "?"), operation=rid, source="?",
+                                            succeeded=False, reason=Reason.INVALID_PARAMETERS.value,
+                                            message=f"unreadable request {path.name}", finished_at=records.now()))
             continue
-        result = dispatch(cfg, cfg_error, spool, path, req)
-        spool.finish(path, result)
-        (log.info if result.succeeded else log.error)(f"{result.describe()} "
-                                                        f"(queued {result.queued_seconds} s, ran {result.seconds} s)")
+        with log.context(operation=req.name, request=req.id, uid=req.uid, kind=req.kind):
+            result = dispatch(cfg, cfg_error, spool, path, req)
+            # said before the result is written, so the journal tells it before its requester reports it
+            (log.info if result.succeeded else log.error)(
+                f"{result.describe()} (queued {result.queued_seconds} s, ran {result.seconds} s)",
+                result="succeeded" if result.succeeded else "failed", reason=result.reason,
+                from_version=result.from_version, to_version=result.to_version)
+            finish(cfg, spool, path, result)
+
+
+def finish(cfg, spool: Spool, path, result: Result) -> None:
+    """Write the result, remove its request, and count it in the metrics (which never fail an operation)."""
+    from . import metrics
+
+    spool.finish(path, result)
+    try:
+        metrics.count(cfg, result, spool.root)
+    except Exception as e:  # e.g. the textfile directory is read-only: say so, go on
+        log.warn(f"cannot update the metrics: {type(e).__name__}: {e}")
 
 
 def dispatch(cfg, cfg_error: OpsError | None, spool: Spool, path, req: Request) -> Result:
@@ -117,7 +149,7 @@ def _run_upgrade(cfg, req: Request, result: Result) -> None:
     from ..upgrade import api
 
     rec = api.run(cfg, api.Spec(id=req.id, operation=req.name, kind=req.kind, url=req.url, sha256=req.sha256,
-                                force=req.force))
+                                force=req.force, uid=req.uid))
     result.succeeded = rec.committed
     result.reason = rec.reason_enum().value
     result.message = rec.message or rec.describe()
@@ -136,12 +168,13 @@ def _converge_orphan(cfg, spool: Spool) -> None:
     claimed = spool.claimed()
     if rec is None or (claimed and claimed[1].id == rec.id):
         return
-    log.info(f"found {rec.describe()} with no request: following it to its end first")
-    try:
-        with hostlock.HostLock(rec.id, rec.kind).acquire(wait=LOCK_WAIT_SECONDS):
-            api.follow(Store(cfg), rec.id)
-    except OpsError as e:
-        log.error(f"could not converge {rec.operation}: {e}")
+    with log.context(operation=rec.operation, request=rec.id, uid=rec.uid, kind=rec.kind):
+        log.info(f"found {rec.describe()} with no request: following it to its end first")
+        try:
+            with hostlock.HostLock(rec.id, rec.kind).acquire(wait=LOCK_WAIT_SECONDS):
+                api.follow(Store(cfg), rec.id)
+        except OpsError as e:
+            log.error(f"could not converge {rec.operation}: {e}")
 
 
 # -- reset ----------------------------------------------------------------------------------------------
@@ -150,15 +183,16 @@ def _converge_orphan(cfg, spool: Spool) -> None:
 def _run_reset(spool: Spool, req: Request, result: Result) -> None:
     from ..reset import api
 
-    def before_removal(phase1: api.PhaseOutcome) -> None:
+    def before_daemon_stops(phase1: api.PhaseOutcome) -> None:
         superseded = supersede(spool, req)
-        # The watcher reports before the agent goes: its own reset, and the operations this one superseded.
+        # The watcher reports before its daemon stops: its own reset, and the operations this one superseded.
         if req.report_gate or any(r.source == "machineoperation" for r in superseded):
             _wait_at_gate(spool, req, phase1)
+        holdpoint.hold(spool.root, "reset-gate-passed")
 
-    outcome = api.run(api.Spec(id=req.id, operation=req.name, all_wg=req.all_wg), before_removal)
+    outcome = api.run(api.Spec(id=req.id, operation=req.name, all_wg=req.all_wg, uid=req.uid), before_daemon_stops)
     if len(outcome.phases) > 1 or outcome.succeeded:
-        supersede(spool, req)  # requests that arrived while the agent was being removed
+        supersede(spool, req)  # requests that arrived while the daemon was being stopped
     result.succeeded, result.reason, result.message, result.step = (outcome.succeeded, outcome.reason,
                                                                     outcome.message, outcome.step)
 
@@ -169,27 +203,33 @@ def supersede(spool: Spool, reset: Request) -> list[Request]:
     for path, req in spool.pending():
         if req.kind == "reset":
             continue
-        spool.finish(path, Result(id=req.id, kind=req.kind, operation=req.name, source=req.source, succeeded=False,
-                                  reason=Reason.SUPERSEDED.value, submitted_at=req.submitted_at,
-                                  finished_at=records.now(),
-                                  message=f"superseded by reset {reset.name}: the agent is removed from this host"))
-        log.info(f"{req.kind} {req.name} superseded by reset {reset.name}")
+        finish(None, spool, path, Result(id=req.id, kind=req.kind, operation=req.name, source=req.source,
+                                         succeeded=False, reason=Reason.SUPERSEDED.value, submitted_at=req.submitted_at,
+                                         finished_at=records.now(),
+                                         message=f"superseded by reset {reset.name}: the agent is removed from this host"))
+        with log.context(operation=req.name, request=req.id, uid=req.uid, kind=req.kind):
+            log.info(f"{req.kind} {req.name} superseded by reset {reset.name}", result="failed",
+                     reason=Reason.SUPERSEDED.value)
         done.append(req)
     return done
 
 
+GATE_MESSAGE = "AgentReset completed: {what} (its daemon stops next)"
+
+
 def _wait_at_gate(spool: Spool, req: Request, phase1) -> None:
-    """Let the requester report before the agent goes; stop waiting when it cannot (its daemon is gone)."""
+    """Let the requester report before its daemon stops; stop waiting when it cannot (no daemon process)."""
+    from ..reset import api
+
     steps = [{"step": s.step, "number": s.number, "result": "succeeded" if s.succeeded else "failed",
               "removed": s.removed} for s in phase1.steps if s.number]
-    spool.open_gate(Gate(id=req.id, steps=steps,
-                         message="AgentReset: machines, links, keys, nspawn config, machine trees and routing removed; "
-                                 "the agent removes itself next"))
-    log.info(f"reset {req.name}: waiting for its requester to report before the agent is removed")
+    spool.open_gate(Gate(id=req.id, steps=steps, message=GATE_MESSAGE.format(what=api.COMPLETE)))
+    log.info(f"reset {req.name}: waiting for its requester to report before the daemon stops")
     next_log = time.monotonic() + GATE_LOG_SECONDS
     while not spool.acked(req.id):
-        if _daemon_gone():
-            log.warn(f"reset {req.name}: the daemon that would report it is not running; going on")
+        if not _daemon_can_report():
+            log.warn(f"reset {req.name}: the daemon that would report it has no process (its files are gone: it "
+                     "cannot start again); going on")
             return
         if time.monotonic() >= next_log:
             log.info(f"reset {req.name}: still waiting for its requester to report (the API server may be down)")
@@ -197,9 +237,9 @@ def _wait_at_gate(spool: Spool, req: Request, phase1) -> None:
         time.sleep(GATE_POLL_SECONDS)
 
 
-def _daemon_gone() -> bool:
+def _daemon_can_report() -> bool:
     try:
         st = systemd.unit_state(systemd.DAEMON_UNIT)
     except systemd.SystemdError:
-        return False
-    return st["active_state"] in ("inactive", "failed") and not st["job"]
+        return True  # cannot tell now: keep waiting (and asking)
+    return systemd.running(st) and bool(st.get("main_pid"))

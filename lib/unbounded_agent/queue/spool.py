@@ -45,6 +45,7 @@ class Request:
     id: str
     kind: str
     operation: str = ""  # what the requester calls it (a MachineOperation's name); the id otherwise
+    uid: str = ""  # the MachineOperation's uid, when one asked for it (for the journal's fields)
     source: str = "cli"
     submitted_at: str = ""
     url: str = ""  # the full URL: it may carry a signed query, hence mode 0600

@@ -1,12 +1,13 @@
 """What the dispatcher calls to run a reset, while it holds the host for it (from the first step to the last).
 
-    outcome = api.run(Spec(id, operation, all_wg), before_removal=callback)
+    outcome = api.run(Spec(id, operation, all_wg), before_daemon_stops=callback)
 
-Phase 1 (``unbounded-agent-reset-phase1.target``: steps 1–6) runs first, with the daemon still running. Only
-when every step of it succeeded does ``before_removal`` run — the dispatcher supersedes the requests queued
-behind the reset and lets the requester report — and then phase 2 (``-phase2.target``: steps 7 and 8 and
-the verification), which stops and removes the agent. A failed phase 1 leaves the agent installed and
-running. Each step writes its own report; this module only starts the targets and reads the reports back.
+Phase 1 (``unbounded-agent-reset-phase1.target``) is everything that can fail, with the daemon running:
+steps 1–6, the removals of step 7 and their verification. Only when every step of it succeeded does
+``before_daemon_stops`` run — the dispatcher supersedes the requests queued behind the reset and lets the
+requester report ``Complete`` — and then phase 2 (``-phase2.target``: stop and disable the daemon,
+daemon-reload, the final check). A failed phase 1 leaves the daemon running. Each step writes its own
+report; this module only starts the targets and reads the reports back.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Spec:
     id: str
     operation: str
     all_wg: bool = False
+    uid: str = ""  # the MachineOperation's, when one asked for it
 
 
 @dataclasses.dataclass
@@ -64,21 +66,22 @@ class Outcome:
     phases: list[PhaseOutcome] = dataclasses.field(default_factory=list)
 
 
-def run(spec: Spec, before_removal: Callable[[PhaseOutcome], None] = lambda phase1: None) -> Outcome:
-    write_request(ResetRequest(run_id=spec.id, all_wg=spec.all_wg, requested_by=spec.operation))
+COMPLETE = "the agent, its machines, links, keys and routing are gone from this host"
+
+
+def run(spec: Spec, before_daemon_stops: Callable[[PhaseOutcome], None] = lambda phase1: None) -> Outcome:
+    write_request(ResetRequest(run_id=spec.id, all_wg=spec.all_wg, requested_by=spec.operation, uid=spec.uid))
     wait_until_no_step_runs(spec.id)
     phase1 = run_phase(1, spec.id)
     if not phase1.succeeded:
-        return _failed(phase1, "a phase-1 step failed; the agent was left installed and running")
-    before_removal(phase1)
+        return _failed(phase1, "the agent's daemon keeps running; fix the cause and reset again")
+    before_daemon_stops(phase1)
     phase2 = run_phase(2, spec.id)
     if not phase2.succeeded:
-        out = _failed(phase2, "a phase-2 step failed; the agent may already be gone — run `unbounded-agent reset` "
-                              "again to finish")
+        out = _failed(phase2, "everything else is gone; run `unbounded-agent reset` again to finish")
         out.phases.insert(0, phase1)
         return out
-    return Outcome(True, Reason.SUCCEEDED.value, "reset complete: the agent, its machines, links, keys and routing "
-                   "are gone from this host", phases=[phase1, phase2])
+    return Outcome(True, Reason.SUCCEEDED.value, f"reset complete: {COMPLETE}", phases=[phase1, phase2])
 
 
 def _failed(phase: PhaseOutcome, what: str) -> Outcome:

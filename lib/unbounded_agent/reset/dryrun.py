@@ -19,7 +19,7 @@ def dry_run(ctx: Context) -> list[dict]:
     for step in work_steps():
         entry = {"step": step.name, "number": step.number, "phase": step.phase, "title": step.title}
         try:
-            items = _plan_routing_after_links(links_removed) if step.name == "remove-routing" else step.plan(ctx)
+            items = _plan_routing_after_links(ctx, links_removed) if step.name == "remove-routing" else step.plan(ctx)
         except OpsError as e:
             entry.update(items=[], goes_with=[], error=str(e), reason=e.reason.value)
             out.append(entry)
@@ -37,12 +37,13 @@ def dry_run(ctx: Context) -> list[dict]:
     return out
 
 
-def _plan_routing_after_links(links_removed: set[str]) -> list[Item]:
+def _plan_routing_after_links(ctx: Context, links_removed: set[str]) -> list[Item]:
     from . import netlinks, routing
+    from .steps.remove_routing import agent_tables
 
     names = {l.index: l.name for l in netlinks.list_links()}
     items = []
-    for e in routing.inventory(names):
+    for e in routing.inventory(names, tables=agent_tables(ctx)):
         dev = names.get(e.oif) if e.oif is not None else None
         items.append(Item(e.describe(), goes_with=f"link {dev}" if dev in links_removed else None))
     return items

@@ -2,7 +2,8 @@
 through systemd.py (systemd1 for the unit, machine1 for registration). No machinectl/systemctl.
 
 "Stopped" means both: machined no longer lists the machine *by exact name* (kube10 is not kube1) and
-its ``systemd-nspawn@<m>.service`` is not running. Stopping is graceful first (StopUnit: nspawn
+its ``systemd-nspawn@<m>.service`` is not running. On a host without machined nothing is registered:
+the unit alone decides, and it is stopped all the same. Stopping is graceful first (StopUnit: nspawn
 asks the payload to shut down with its KillSignal=), bounded by ``graceful_timeout``; a machine
 still there is then killed (SIGKILL to every process of the machine and of its unit), bounded by
 ``terminate_timeout``; a machine still registered after that is an error. The pending graceful stop
@@ -44,12 +45,24 @@ class MachineState:
         return systemd.enabled(self.unit_file_state)
 
 
+MACHINED_UNIT = "systemd-machined.service"
+
+
 def registered_machines() -> set[str]:
-    """Names machined lists. Fails closed: machined unreachable is INVENTORY_FAILED, not 'none'."""
+    """Names machined lists. Fails closed: machined unreachable is INVENTORY_FAILED, not 'none' — unless the
+    host has no machined at all (no unit file: systemd-container without it, or a minimal host), where no
+    machine can be registered and the machines' units alone say whether they run."""
     try:
         return systemd.list_machines()
     except systemd.SystemdError as e:
-        raise OpsError(Reason.INVENTORY_FAILED, str(e)) from None
+        error = e
+    try:
+        installed = systemd.unit_file_state(MACHINED_UNIT) != "not-found"
+    except systemd.SystemdError:
+        installed = True
+    if installed:
+        raise OpsError(Reason.INVENTORY_FAILED, str(error)) from None
+    return set()
 
 
 def inspect(machines=AGENT_MACHINES) -> list[MachineState]:

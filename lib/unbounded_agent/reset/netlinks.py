@@ -35,6 +35,12 @@ def is_agent_link(name: str, all_wg: bool = False) -> bool:
     return all_wg or WG_FIRST <= int(m.group(1)) <= WG_LAST
 
 
+def wg_table(name: str) -> int | None:
+    """The routing table the agent's WireGuard link of this name goes with (wg51833 -> 51833), else None."""
+    m = _WG_NUMBERED.fullmatch(name)
+    return int(m.group(1)) if m and WG_FIRST <= int(m.group(1)) <= WG_LAST else None
+
+
 def _ipr():
     from pyroute2 import IPRoute
 

@@ -35,7 +35,8 @@ def reset_dir() -> Path:
 class ResetRequest:
     run_id: str  # the request id of the operation; every report of the run carries it
     all_wg: bool = False
-    requested_by: str = ""
+    requested_by: str = ""  # the operation's name
+    uid: str = ""  # the MachineOperation's uid, when one asked for it (for the journal's fields)
     requested_at: str = ""
 
 
@@ -57,6 +58,9 @@ class Checkpoint:
     run_id: str = ""
     all_wg: bool = False
     recorded: Recorded = field(default_factory=Recorded)
+    # The routing tables that are the agent's: those its wg<N> links go with. remove-links records them here
+    # before it deletes the links, so the routing step (and a resumed reset) still knows them afterwards.
+    tables: list[int] = field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -115,6 +119,17 @@ def read_checkpoint(directory: Path | None = None) -> Checkpoint | None:
 
 def write_checkpoint(cp: Checkpoint, directory: Path | None = None) -> None:
     records.save(cp, (directory or reset_dir()) / CHECKPOINT)
+
+
+def remember_tables(tables, directory: Path | None = None) -> None:
+    """Add tables to the checkpoint's record of the agent's routing tables (durably, before acting on them)."""
+    cp = read_checkpoint(directory)
+    if cp is None:
+        raise OpsError(Reason.EXECUTION_FAILED, "no reset in progress (no checkpoint) to record routing tables in")
+    new = sorted(set(cp.tables) | set(tables))
+    if new != cp.tables:
+        cp.tables = new
+        write_checkpoint(cp, directory)
 
 
 def report_path(number: int, name: str, directory: Path | None = None) -> Path:

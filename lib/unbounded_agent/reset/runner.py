@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import holdpoint, log, program, records
 from ..reasons import OpsError, Reason, describe_error
-from .reports import FailedItem, StepReport, reset_dir, write_report
+from .reports import FailedItem, StepReport, read_request, reset_dir, write_report
 from .step import Recorder, Step, context_from
 
 
@@ -35,9 +35,16 @@ def run_step(step: Step, directory: Path | None = None, **ctx_overrides) -> Step
     directory = Path(directory or reset_dir())
     rec = Recorder()
     started, t0 = records.now(), time.monotonic()
+    log.bind(kind="reset", step=step.name)
     try:
         checkpoint = step.checkpoint(directory, rec)
-        ctx = context_from(checkpoint.recorded, all_wg=checkpoint.all_wg, **ctx_overrides)
+        request = read_request(directory)
+        if request is None or request.run_id != checkpoint.run_id:
+            request = None
+        log.bind(request=checkpoint.run_id, operation=(request.requested_by if request else "") or checkpoint.run_id,
+                 uid=request.uid if request else None)
+        ctx = context_from(checkpoint.recorded, all_wg=checkpoint.all_wg, directory=str(directory),
+                           tables=tuple(checkpoint.tables), **ctx_overrides)
         holdpoint.hold(directory, f"reset-{step.name}")
         step.work(ctx, directory, checkpoint.run_id, rec)
     except OpsError as e:
@@ -58,8 +65,9 @@ def run_step(step: Step, directory: Path | None = None, **ctx_overrides) -> Step
 def exit_code(report: StepReport) -> int:
     """Log the step's one-line outcome and map it to the executable's exit code."""
     if report.succeeded:
-        log.info(f"succeeded: {len(report.removed)} removed, {len(report.absent)} already absent")
+        log.info(f"succeeded: {len(report.removed)} removed, {len(report.absent)} already absent", result=report.result,
+                 reason=report.reason)
         return 0
     first = report.first_failure()
-    log.error(f"failed ({first.reason}): {first.error}")
+    log.error(f"failed ({first.reason}): {first.error}", result=report.result, reason=first.reason)
     return Reason(report.reason).exit_code

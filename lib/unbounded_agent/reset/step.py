@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 
 from .. import fsutil, log, systemd
 from ..reasons import OpsError, Reason, describe_error
@@ -22,16 +23,34 @@ UNIT_DIR = "/etc/systemd/system"
 
 
 class AgentUnits:
-    """The few systemd calls the agent-removal and reload steps make (fast tests pass a fake)."""
+    """The few systemd calls the agent-removal, daemon-stop and reload steps make (fast tests pass a fake).
+    A state that cannot be read is INVENTORY_FAILED, never "not running" or "not enabled"."""
 
     def matching(self, patterns) -> list[str]:
-        return systemd.list_units(list(patterns))
+        try:
+            return systemd.list_units(list(patterns))
+        except systemd.SystemdError as e:
+            raise OpsError(Reason.INVENTORY_FAILED, str(e)) from None
 
     def running(self, name: str) -> bool:
-        return systemd.running(systemd.unit_state(name))
+        try:
+            return systemd.running(systemd.unit_state(name))
+        except systemd.SystemdError as e:
+            raise OpsError(Reason.INVENTORY_FAILED, str(e)) from None
+
+    def reporting(self, name: str) -> bool:
+        """Whether the unit's main process runs (a daemon waiting to be restarted has none)."""
+        try:
+            st = systemd.unit_state(name)
+        except systemd.SystemdError as e:
+            raise OpsError(Reason.INVENTORY_FAILED, str(e)) from None
+        return systemd.running(st) and bool(st.get("main_pid"))
 
     def enabled(self, name: str) -> bool:
-        return systemd.enabled(systemd.unit_file_state(name))
+        try:
+            return systemd.enabled(systemd.unit_file_state(name))
+        except systemd.SystemdError as e:
+            raise OpsError(Reason.INVENTORY_FAILED, str(e)) from None
 
     def stop(self, name: str, timeout: float) -> None:
         if not systemd.stop_and_wait(name, timeout):
@@ -60,6 +79,8 @@ class Context:
     terminate_timeout: float = 15.0
     root: str = "/"
     systemd: AgentUnits | None = None  # AgentUnits (or a fake in fast tests); None = the real one, made lazily
+    directory: str | None = None  # the reset's own directory (its checkpoint); None = reports.reset_dir()
+    tables: tuple[int, ...] = ()  # routing tables the checkpoint records as the agent's (remove-links)
 
     def p(self, path: str) -> str:
         """The path of host path ``path`` under ``root``."""
@@ -154,10 +175,29 @@ class Step:
                 rec.fail(None, OpsError(Reason.EXECUTION_FAILED, f"still present after removal: {', '.join(map(str, left))}"))
 
 
+def lstat(path: str) -> os.stat_result | None:
+    """The path's own status (a symlink is not followed; symlinks in its parents are), None when it does not
+    exist. Anything else — a parent that cannot be searched, an I/O error — is INVENTORY_FAILED: a path
+    that cannot be looked at is never taken for one that is not there."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise OpsError(Reason.INVENTORY_FAILED, f"cannot tell whether {path} exists: {e.strerror}") from None
+
+
+def exists(path: str) -> bool:
+    return lstat(path) is not None
+
+
 def file_kind(path: str) -> str:
-    if os.path.islink(path):
+    st = lstat(path)
+    if st is None:
+        return "path"
+    if stat.S_ISLNK(st.st_mode):
         return "link"
-    return "directory" if os.path.isdir(path) else "file"
+    return "directory" if stat.S_ISDIR(st.st_mode) else "file"
 
 
 def remove_path(ctx: Context, rec: Recorder, host_path: str) -> None:
@@ -165,10 +205,14 @@ def remove_path(ctx: Context, rec: Recorder, host_path: str) -> None:
     from . import treeremove
 
     real = ctx.p(host_path)
-    if not os.path.lexists(real):
-        rec.already_absent(f"path {host_path}")
+    try:
+        if not exists(real):
+            rec.already_absent(f"path {host_path}")
+            return
+        kind = file_kind(real)
+    except OpsError as e:
+        rec.fail(f"path {host_path}", e)
         return
-    kind = file_kind(real)
     try:
         treeremove.remove_tree(real)
         fsutil.fsync_dir(os.path.dirname(real))
@@ -182,7 +226,7 @@ def remove_path(ctx: Context, rec: Recorder, host_path: str) -> None:
 
 
 def plan_paths(ctx: Context, host_paths) -> list[Item]:
-    return [Item(f"{file_kind(ctx.p(p))} {p}") for p in host_paths if os.path.lexists(ctx.p(p))]
+    return [Item(f"{file_kind(ctx.p(p))} {p}") for p in host_paths if exists(ctx.p(p))]
 
 
 def unexpected(e: Exception, what: str) -> OpsError:

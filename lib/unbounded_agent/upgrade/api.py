@@ -33,6 +33,7 @@ class Spec:
     url: str = ""
     sha256: str | None = None
     force: bool = False
+    uid: str = ""  # the MachineOperation's, when one asked for it
 
 
 def check(cfg: Config, spec: Spec) -> tuple[str, str | None]:
@@ -68,7 +69,7 @@ def begin(cfg: Config, spec: Spec) -> UpgradeRecord:
         # binary its rollback needs. The dispatcher converges it (orphan) before it runs anything else.
         raise OpsError(Reason.UPGRADE_IN_PROGRESS, f"{current.describe()}: it must end before {spec.kind} "
                                                    f"{spec.operation} can begin")
-    rec = UpgradeRecord(id=spec.id, operation=spec.operation, kind=spec.kind, url=redacted, force=spec.force,
+    rec = UpgradeRecord(id=spec.id, operation=spec.operation, kind=spec.kind, uid=spec.uid, url=redacted, force=spec.force,
                         expected_sha256=expected, requested_at=records.now())
     if spec.kind == record.UPGRADE:
         store.write_request(UpgradeRequest(id=spec.id, url=spec.url.strip(), sha256=expected, force=spec.force))

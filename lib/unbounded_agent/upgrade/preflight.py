@@ -123,5 +123,5 @@ def run(cfg: Config, id: str) -> UpgradeRecord:
         raise OpsError(Reason.PREFLIGHT_FAILED, rec.message) from None
     to.version = result.version
     rec = store.advance(rec, record.PREFLIGHTED, to=to)
-    log.info(f"{rec.kind} {rec.operation}: {to.slot} passed preflight: {result.excerpt()!r}")
+    log.info(f"{rec.kind} {rec.operation}: {to.slot} passed preflight: {result.excerpt()!r}", result="succeeded")
     return rec

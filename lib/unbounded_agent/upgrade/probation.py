@@ -22,16 +22,20 @@ from .record import Failure, Probation, Store, UpgradeRecord
 POLL_SECONDS = 0.2
 MAX_ATTEMPTS = 3  # probation started this often (killed, host stopped) → treat as failed
 JOURNAL_LINES = 20
+# Failure.cause: why an upgrade was rolled back, in one word each (the label of the rollbacks metric)
+EXITED_BEFORE_READY, NOT_READY, STOPPED = "ExitedBeforeReady", "NotReady", "StoppedOnProbation"
+INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD = "ProbationInterrupted", "Unwatchable", "FailedUnderSystemd"
+CAUSES = (EXITED_BEFORE_READY, NOT_READY, STOPPED, INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD)
 
 
 def main(argv: list[str] | None = None) -> int:
     return program.plain_main("unbounded-upgrade-probation", __doc__, run, argv)
 
 
-def daemon_failure(snap: dict, what: str) -> tuple[Failure, str | None]:
+def daemon_failure(snap: dict, what: str, cause: str) -> tuple[Failure, str | None]:
     """The daemon's failure as the record keeps it (exit code or signal, result), and the invocation
     whose journal tells it."""
-    failure = Failure(detail=what, result=snap.get("result"),
+    failure = Failure(detail=what, cause=cause, result=snap.get("result"),
                       state=f"{snap.get('active_state')}/{snap.get('sub_state')}")
     code, status = snap.get("exec_main_code"), snap.get("exec_main_status")
     if code == "exited":
@@ -78,10 +82,10 @@ def watch(cfg: Config, old_invocation: str | None, snapshot=None, clock=time.mon
         if fresh and snap["active_state"] == "active" and not snap["job"]:
             break
         if fresh and (snap["active_state"] == "failed" or snap["sub_state"] == "auto-restart"):
-            return daemon_failure(snap, "the new daemon exited before it reported ready")
+            return daemon_failure(snap, "the new daemon exited before it reported ready", EXITED_BEFORE_READY)
         if clock() >= ready_deadline:
             return daemon_failure(snap, f"the new daemon did not report ready within {cfg.ready_timeout_seconds:g} s "
-                                        f"(state {snap['active_state']}/{snap['sub_state']})")
+                                        f"(state {snap['active_state']}/{snap['sub_state']})", NOT_READY)
         sleep(POLL_SECONDS)
     base = (snap["invocation"], snap["main_pid"], snap["n_restarts"])
     log.info(f"daemon ready (pid {snap['main_pid']}); probation for {cfg.probation_seconds:g} s")
@@ -92,16 +96,18 @@ def watch(cfg: Config, old_invocation: str | None, snapshot=None, clock=time.mon
         snap = snapshot()
         if snap["active_state"] != "active" or (snap["invocation"], snap["main_pid"], snap["n_restarts"]) != base:
             return daemon_failure(snap, f"the new daemon stopped during probation (state {snap['active_state']}/"
-                                        f"{snap['sub_state']})")
+                                        f"{snap['sub_state']})", STOPPED)
     return None
 
 
 def run(cfg: Config) -> UpgradeRecord | None:
     store = Store(cfg)
+    log.bind(step="probation")
     with store.transaction() as rec:
         if rec is None or rec.phase != record.PROBATION:
             log.info("no upgrade on probation: " + (rec.describe() if rec else "no upgrade record"))
             return rec
+        record.log_context(rec)
         hostlock.require(rec.id, "probation")
         # switch records probation before this phase; a record without it is watched as enter_probation
         # would have started it (no old invocation: any active daemon is the new one)
@@ -111,13 +117,13 @@ def run(cfg: Config) -> UpgradeRecord | None:
     id, attempts = rec.id, prob.attempts
     verdict: tuple[Failure, str | None] | None
     if attempts > MAX_ATTEMPTS:
-        verdict = Failure(detail=f"probation was interrupted {MAX_ATTEMPTS} times"), None
+        verdict = Failure(detail=f"probation was interrupted {MAX_ATTEMPTS} times", cause=INTERRUPTED), None
     else:
         holdpoint.hold(store.dir, "probation-watching")
         try:
             verdict = watch(cfg, prob.old_invocation)
         except systemd.SystemdError as e:
-            verdict = Failure(detail=f"cannot watch the daemon: {e}"), None
+            verdict = Failure(detail=f"cannot watch the daemon: {e}", cause=UNWATCHABLE), None
     with store.transaction() as rec:
         if rec is None or rec.id != id or rec.phase != record.PROBATION:
             log.info("the upgrade left probation meanwhile: " + (rec.describe() if rec else "no record"))
@@ -127,7 +133,8 @@ def run(cfg: Config) -> UpgradeRecord | None:
         failure, invocation = verdict
         failure.journal = journal_lines(systemd.DAEMON_UNIT, rec.phase_time(record.SWITCHING), invocation=invocation)
         rec = store.advance(rec, record.RECOVERING, failure=failure)
-        log.error(f"{rec.kind} {rec.operation}: {failure.text()}; starting {units.RECOVERY_UNIT}")
+        log.error(f"{rec.kind} {rec.operation}: {failure.text()}; starting {units.RECOVERY_UNIT}", result="failed",
+                  reason=Reason.DAEMON_FAILED.value)
     systemd.start_unit(units.RECOVERY_UNIT)
     return rec
 
@@ -140,5 +147,5 @@ def commit(store: Store, rec: UpgradeRecord) -> UpgradeRecord:
     rec = store.finish(rec, record.COMMITTED, Reason.SUCCEEDED,
                        f"{verb} from {frm.version or '?'} to {to.version or '?'}: the daemon was ready and "
                        f"stayed up for {store.cfg.probation_seconds:g} s")
-    log.info(f"{rec.kind} {rec.operation} committed: {rec.message}")
+    log.info(f"{rec.kind} {rec.operation} committed: {rec.message}", result="succeeded", reason=rec.reason)
     return rec

@@ -75,6 +75,7 @@ class Failure:
     """How the new daemon failed: the exit detail and the journal excerpt of its failed run."""
 
     detail: str = ""
+    cause: str | None = None  # one word for what happened (probation.CAUSES): the rollbacks' metric label
     result: str | None = None
     state: str | None = None
     exit_code: int | None = None
@@ -102,6 +103,7 @@ class UpgradeRecord:
     id: str  # the request id: also the instance of the chain's units
     operation: str  # what the requester calls it (a MachineOperation's name, or the id)
     kind: str = UPGRADE
+    uid: str = ""  # the MachineOperation's uid, when one asked for it (for the journal's fields)
     url: str = ""  # redacted
     force: bool = False
     phase: str = REQUESTED
@@ -179,6 +181,13 @@ class UpgradeRecord:
             return Reason(self.reason)
         except ValueError:
             return Reason.EXECUTION_FAILED
+
+
+def log_context(rec: UpgradeRecord, step: str | None = None) -> None:
+    """Tag this process's journal messages with rec's operation (and the step, when given)."""
+    frm, to = rec.from_ or Binary(), rec.to or Binary()
+    log.bind(operation=rec.operation, request=rec.id, uid=rec.uid, kind=rec.kind, from_version=frm.version,
+             to_version=to.version, **({"step": step} if step else {}))
 
 
 @dataclasses.dataclass
@@ -272,6 +281,10 @@ class Store:
         finished for that operation is returned as it is (the step has nothing left to do: the caller checks
         ``terminal``); anything else is an error, and the step changes nothing."""
         rec = self.read()
+        if rec is not None and rec.id == id:
+            log_context(rec, step)
+        else:
+            log.bind(request=id, step=step)
         if rec is not None and rec.id == id and (rec.phase == phase or rec.terminal):
             if rec.terminal:
                 log.info(f"nothing to {step}: {rec.describe()}")
@@ -283,6 +296,7 @@ class Store:
         rec.format = FORMAT
         rec.updated_at = records.now()
         records.save(rec, self.record_path, mode=0o644)
+        log_context(rec)  # the versions, once the stage step knows them
         return rec
 
     def advance(self, rec: UpgradeRecord, phase: str, **changes) -> UpgradeRecord:

@@ -20,7 +20,7 @@ from .. import fsutil, holdpoint, hostlock, layout, log, program, records, syste
 from ..config import Config
 from ..reasons import OpsError, Reason
 from . import record
-from .probation import daemon_failure, journal_lines
+from .probation import FAILED_UNDER_SYSTEMD, daemon_failure, journal_lines
 from .record import Failure, QuarantineEntry, RollbackSignal, Store, UpgradeRecord
 
 RESTART_READY_SECONDS = 60.0
@@ -77,8 +77,11 @@ def _probation_at_work() -> bool:
 
 
 def run(cfg: Config) -> UpgradeRecord | None:
+    log.bind(step="recovery")
     store = Store(cfg)
     rec = store.read()
+    if rec is not None:
+        record.log_context(rec)
     if rec is None or rec.phase not in (record.PROBATION, record.RECOVERING):
         log.info("no upgrade on probation (" + (rec.describe() if rec else "no upgrade record") + "): not changing any link")
         return rec
@@ -97,7 +100,8 @@ def _recover(store: Store, lock: hostlock.HostLock) -> UpgradeRecord | None:
             return rec
         if rec.phase == record.PROBATION:  # we came through the daemon's OnFailure=, with nobody watching
             snap = _snapshot()
-            failure, invocation = daemon_failure(snap, f"the new daemon failed under systemd (result {snap.get('result')})")
+            failure, invocation = daemon_failure(snap, f"the new daemon failed under systemd (result {snap.get('result')})",
+                                                 FAILED_UNDER_SYSTEMD)
             failure.journal = journal_lines(systemd.DAEMON_UNIT, rec.phase_time(record.SWITCHING), invocation=invocation)
             rec = store.advance(rec, record.RECOVERING, failure=failure)
     failure = rec.failure or Failure(detail="daemon failed")
@@ -130,7 +134,8 @@ def _recover(store: Store, lock: hostlock.HostLock) -> UpgradeRecord | None:
     if restored != "active":
         message += f"; the restored daemon is {restored}"
     rec = store.finish(rec, record.ROLLED_BACK, Reason.DAEMON_FAILED, message, restored_daemon=restored)
-    log.error(f"{rec.kind} {rec.operation}: {message}")
+    log.error(f"{rec.kind} {rec.operation}: {message}", result="succeeded" if restored == "active" else "failed",
+              reason=rec.reason)
     if restored != "active":
         raise OpsError(Reason.DAEMON_FAILED, f"rolled back, but the restored daemon is {restored}")
     log.info(f"the daemon runs {frm.version or 'the previous version'} again")

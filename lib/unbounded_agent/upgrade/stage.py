@@ -218,5 +218,5 @@ def _stage_download(store: Store, lay: layout.Layout, rec: UpgradeRecord, url: s
     rec = store.advance(rec, record.STAGED, to=Binary(slot=to_slot, digest=digest, archive_sha256=archive_sha),
                         progress=Download(size, size), stage_peak_rss_kib=_peak_rss_kib())
     log.info(f"{rec.kind} {rec.operation}: staged {to_slot} (sha256 {record.short(digest)}, archive sha256 "
-             f"{record.short(archive_sha)}, {size} bytes downloaded)")
+             f"{record.short(archive_sha)}, {size} bytes downloaded)", result="succeeded")
     return rec

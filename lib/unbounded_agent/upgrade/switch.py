@@ -82,5 +82,6 @@ def enter_probation(store: Store, rec: UpgradeRecord, restart: bool = True) -> U
         log.error(f"could not restart the daemon or start probation: {e}")
         raise OpsError(Reason.EXECUTION_FAILED, str(e)) from None
     log.info(f"{rec.kind} {rec.operation}: daemon restarted; on probation "
-             f"(ready within {store.cfg.ready_timeout_seconds:g} s, then {store.cfg.probation_seconds:g} s stable)")
+             f"(ready within {store.cfg.ready_timeout_seconds:g} s, then {store.cfg.probation_seconds:g} s stable)",
+             result="succeeded")
     return rec

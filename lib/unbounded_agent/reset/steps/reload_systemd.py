@@ -1,5 +1,5 @@
-"""``unbounded-agent-reset-reload-systemd.service``, reset step 8: daemon-reload, so systemd forgets the
-removed unit files and overrides."""
+"""``unbounded-agent-reset-reload-systemd.service``, reset step 8 (phase 2, after stop-daemon): daemon-reload,
+so systemd forgets the removed unit files and overrides."""
 
 from __future__ import annotations
 

@@ -1,36 +1,39 @@
-"""``unbounded-agent-reset-verify.service``, last unit: verify every step of this run succeeded and a fresh
-inventory finds nothing left, then remove the "resetting" checkpoint."""
+"""``unbounded-agent-reset-verify.service``, last unit of phase 1: verify that every step of this run that
+can fail (1–6, and the removals of 7) succeeded and that a fresh inventory finds nothing of them left. Only
+then does the dispatcher open the gate (the requester reports ``Complete``) and stop the daemon."""
 
 from __future__ import annotations
 
-from ... import fsutil
 from ...reasons import OpsError, Reason
-from ..reports import CHECKPOINT, REQUEST, read_report
+from ..reports import read_report
 from ..step import Step
 
 
 class Verify(Step):
-    name, number, phase = "verify", 9, 2
-    title = "verify nothing is left, then remove the checkpoint"
+    name, number, phase = "verify", 9, 1
+    title = "verify that nothing but the running daemon is left"
     verify_after = False
 
     def work(self, ctx, directory, run_id, rec):
-        finish_run(ctx, directory, run_id, rec)
+        from . import of_phase
+
+        problems = check_steps([s for s in of_phase(1) if 1 <= s.number <= 8], ctx, directory, run_id)
+        if problems:
+            raise OpsError(Reason.RESET_INCOMPLETE, "reset incomplete: " + "; ".join(problems))
+        rec.note("verified: nothing of the agent is left but its running daemon")
 
 
-def finish_run(ctx, directory, run_id: str | None, rec) -> None:
-    """The final check: every step of this run succeeded and a fresh inventory finds nothing left; only
-    then is the checkpoint removed (last), so an unfinished reset is always resumed."""
-    from . import work_steps
-
+def check_steps(steps, ctx, directory, run_id: str | None, inventory=None) -> list[str]:
+    """What is wrong with these steps in this run: one that failed or did not run, or anything a fresh
+    inventory (of the steps in ``inventory``; None: all of them) still finds."""
     problems = []
-    for step in work_steps():
+    for step in steps:
         report = read_report(step.number, step.name, directory)
         if report is None or report.run_id != run_id:
             problems.append(f"{step.name} did not run in this reset")
         elif not report.succeeded:
             problems.append(f"{step.name} failed ({report.reason})")
-        if step.verify_after:
+        if step.verify_after and (inventory is None or step in inventory):
             try:
                 left = step.plan(ctx)
             except OpsError as e:
@@ -38,12 +41,7 @@ def finish_run(ctx, directory, run_id: str | None, rec) -> None:
                 continue
             for item in left:
                 problems.append(f"{item.what} is still there")
-    if problems:
-        raise OpsError(Reason.RESET_INCOMPLETE, "reset incomplete: " + "; ".join(problems))
-    for name in (CHECKPOINT, REQUEST):
-        (directory / name).unlink(missing_ok=True)
-    fsutil.fsync_dir(directory)
-    rec.note("verified: no agent artifact is left; checkpoint removed")
+    return problems
 
 
 STEP = Verify()
