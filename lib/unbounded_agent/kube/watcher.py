@@ -25,8 +25,8 @@ from ..config import Config
 from ..queue.spool import Spool
 from ..reasons import OpsError, Reason
 from ..version import VERSION
+from . import aftercommit, mop, reset_driver, upgrade_driver
 from . import client as kubeclient
-from . import mop, reset_driver, upgrade_driver
 from .listwatch import WATCH_TIMEOUT, ListWatch, rv_newer
 from .progress import DONE, OperationProgress, ProgressStore
 from .status import ApiWriter
@@ -60,6 +60,7 @@ class Watcher:
         self.stop_event = threading.Event()
         self.listwatch: ListWatch | None = None
         self.errors: dict[str, int] = {}  # uid -> unexpected errors in a row
+        self.signal_seen: int | None = None  # the rollback signal last looked at (kube/aftercommit.py)
         self._last_error: str | None = None
 
     @property
@@ -156,6 +157,7 @@ class Watcher:
         for p in list(self.progress.values()):
             if not p.done:
                 self._drive(p)
+        aftercommit.report(self)
         if self.synced:
             self.admit_new()
         self.api.flush_status(self.progress.values())
