@@ -34,6 +34,12 @@ DAEMON_BEHAVIOUR = {
                    "print('fatal: crashed after ready (simulated)', file=sys.stderr, flush=True); sys.exit(4)",
     "never-ready": "print('starting, never ready', flush=True); time.sleep(1e9)",
     "segfault": "notify('READY=1'); time.sleep({seconds}); os.kill(os.getpid(), signal.SIGSEGV)",
+    # ready, then exit 1 some seconds later, every run: long enough to pass probation, too short to live
+    "late-crash": "notify('READY=1'); print('ready', flush=True); time.sleep({seconds}); "
+                  "print('fatal: crashed late (simulated)', file=sys.stderr, flush=True); sys.exit(1)",
+    # healthy, but stops only when killed: SIGTERM is ignored
+    "ignores-sigterm": "signal.signal(signal.SIGTERM, signal.SIG_IGN); notify('READY=1'); "
+                       "print('ready; ignoring SIGTERM', flush=True); time.sleep(1e9)",
 }
 
 SCRIPT = '''#!/usr/bin/python3
