@@ -33,6 +33,7 @@ from fleet_host import (
     version,
     wait_leader,
     wide,
+    wide_cell,
     wide_row,
 )
 from fleet_host import fleet_link as make_link
@@ -124,6 +125,9 @@ def test_a_selector_upgrade_rolls_through_the_hosts_in_waves(fleet, capsys):
     row = wide_row(snapshot, "upgrade-pool-blue")
     assert row[:3] == ["upgrade-pool-blue", "AgentUpgrade", "InProgress"]
     assert row[-1] == "3 matched: 1 complete, 0 failed, 2 in flight, 0 not started"
+    assert wide_cell(snapshot, "upgrade-pool-blue", "MACHINE") == ""
+    assert wide_cell(snapshot, "upgrade-pool-blue-worker-02", "MACHINE") == "worker-02"
+    assert wide_cell(snapshot, "upgrade-pool-blue-worker-02", "ROLLOUT") == ""  # counts are a parent's
     kids = children(link, "upgrade-pool-blue")
     assert {m: k["metadata"]["labels"]["unbounded-cloud.io/fleet-wave"] for m, k in kids.items()} == {
         "worker-01": "1", "worker-02": "2", "worker-03": "2"}
@@ -148,6 +152,7 @@ def test_a_crashing_release_halts_after_the_canary_and_leaves_the_other_hosts_al
     wait_leader(link, hosts[0])
     before = {h.name: (version(h), results(h)) for h in hosts}
     assert {v for v, _ in before.values()} == {"2.0.0"}
+    started = time.time()
     link.apply(parent("upgrade-pool-crash", urls["crash"], canaryCount="1", maxInFlight="2", failureBudget="0"))
     wait_phase(link, "upgrade-pool-crash", "Failed", "Complete")
     op = link.get("upgrade-pool-crash")
@@ -164,6 +169,10 @@ def test_a_crashing_release_halts_after_the_canary_and_leaves_the_other_hosts_al
     assert list(children(link, "upgrade-pool-crash")) == ["worker-01"]
     for h in hosts[1:]:
         assert (version(h), results(h)) == before[h.name], h.name  # untouched: not even a request
+    # not even an attempt: the controller's only create since the apply was the canary's
+    creates = [r for r in link.server.find_requests(verb="create", resource="machineoperations")
+               if "unbounded-agent-fleet-controller/" in r.user_agent and r.time >= started]
+    assert [r.code for r in creates] == [201]
     assert hosts[0].run(["systemctl", "is-active", DAEMON]).stdout.strip() == "active"
     reasons = [r for r, _ in events(link, "upgrade-pool-crash")]
     assert reasons == ["WaveStarted", "Halted"]

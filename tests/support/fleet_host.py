@@ -120,3 +120,16 @@ def wide_row(text: str, name: str) -> list[str]:
     """The cells of name's row in `kubectl get mop -o wide` output (cells are two or more spaces apart)."""
     line = next(line for line in text.splitlines() if line.split()[0] == name)
     return re.split(r"\s{2,}", line.strip())
+
+
+def wide_cell(text: str, name: str, column: str) -> str:
+    """One cell of name's row, by the header's column position (kubectl aligns every cell under its header), so
+    that an empty cell reads as "" rather than shifting the others."""
+    lines = text.splitlines()
+    header = lines[0]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    titles = header.split()
+    i = titles.index(column)
+    line = next(line for line in lines[1:] if line.split()[0] == name)
+    end = starts[i + 1] if i + 1 < len(starts) else len(line)
+    return line[starts[i]:end].strip()
