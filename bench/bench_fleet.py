@@ -225,7 +225,24 @@ def main() -> int:
     print(json.dumps([{k: v for k, v in r.items() if k != "counts"} | {"counts": {k: v for k, v in r["counts"].items()
                                                                                   if ":" not in k}} for r in rows]))
     ok = all(r["phase"] == "Complete" and not r["twice"] and r["ran"] == r["machines"] for r in rows)
-    return 0 if ok else 1
+    return 0 if ok and requests_do_not_grow(rows) else 1
+
+
+def requests_do_not_grow(rows: list[dict], slack: float = 0.10) -> bool:
+    """The agents' and the controller's requests per machine at each fleet size, against the smallest fleet's:
+    a cost per machine that grows with the fleet would not scale (slack for the status writes the controller
+    folds together or not, depending on timing). Lease renewals depend on time, not on the fleet: left out."""
+    def per_machine(r: dict) -> float:
+        return (r["counts"].get("agents", 0) + r["counts"].get("controller", 0)) / r["machines"]
+
+    base = min(rows, key=lambda r: r["machines"])
+    ok = True
+    for r in rows:
+        grows = per_machine(r) > per_machine(base) * (1 + slack)
+        ok = ok and not grows
+        print(f"requests per machine at {r['machines']}: {per_machine(r):.2f} (at {base['machines']}: "
+              f"{per_machine(base):.2f}){': GROWS with the fleet' if grows else ''}")
+    return ok
 
 
 if __name__ == "__main__":
