@@ -27,7 +27,7 @@ for _p in (REPO / "demo", REPO / "tests" / "support", REPO / "lib"):  # run from
 
 import releases  # noqa: E402
 import testhost_tree  # noqa: E402
-from demo_mop import apply, kubectl  # noqa: E402
+from demo_mop import apply, ensure_agent, kubectl  # noqa: E402
 from fleet_host import (  # noqa: E402
     CONTROLLER,
     CONTROLLER_DIR,
@@ -39,7 +39,7 @@ from fleet_host import (  # noqa: E402
     version,
     wait_leader,
 )
-from mop_host import daemon_state, wait_until  # noqa: E402
+from mop_host import wait_until  # noqa: E402
 from testhost import boot_testhost  # noqa: E402
 
 from demo import show  # noqa: E402
@@ -75,8 +75,7 @@ def versions(hosts) -> None:
 
 
 def run(host, say, deb: Path) -> None:
-    if daemon_state(host).get("ActiveState") != "active":
-        show(host, ["systemctl", "start", "unbounded-agent-daemon.service"], check=True)
+    ensure_agent(host, say)  # the MachineOperations chapter ends with a reset of this host
     work = Path(tempfile.mkdtemp(prefix="demo-fleet-"))
     say("Fleet operations: two more hosts, each with the .deb and its own agent daemon")
     with contextlib.ExitStack() as stack:
