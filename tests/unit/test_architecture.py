@@ -103,6 +103,18 @@ def test_the_layers_depend_one_way():
             assert {layer(d) for d in deps} <= core, f"{name} imports {sorted(deps)}"
 
 
+def test_the_fan_out_controller_uses_none_of_the_host_side_packages():
+    """It runs on a management host or in a pod: only the Kubernetes API, never the host's queue or operations."""
+    edges = graph()
+    reached, todo = set(), [m for m in edges if layer(m) == "fleet"]
+    while todo:
+        m = todo.pop()
+        if m not in reached:
+            reached.add(m)
+            todo += edges.get(m, ())
+    assert todo == [] and reached and not {layer(m) for m in reached} & {"upgrade", "reset", "queue", "cli"}
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 

@@ -201,7 +201,7 @@ def status_matches(op: dict, want: dict) -> bool:
 
 
 def event(op: dict, reason: str, message: str, warning: bool, host: str, namespace: str = "default",
-          at: str | None = None, suffix: str = "") -> dict:
+          at: str | None = None, suffix: str = "", component: str = COMPONENT) -> dict:
     """A core/v1 Event on op (cluster-scoped objects' events live in the default namespace, as client-go
     records them; ``kubectl describe mop`` finds them by the involved object's uid)."""
     at = at or now()
@@ -213,7 +213,7 @@ def event(op: dict, reason: str, message: str, warning: bool, host: str, namespa
                            "kind": "MachineOperation", "name": meta.get("name"), "uid": meta.get("uid"),
                            "resourceVersion": meta.get("resourceVersion")},
         "reason": reason, "message": message[:1024], "type": "Warning" if warning else "Normal",
-        "source": {"component": COMPONENT, "host": host},
-        "reportingComponent": COMPONENT, "reportingInstance": host,
+        "source": {"component": component, "host": host},
+        "reportingComponent": component, "reportingInstance": host,
         "firstTimestamp": at, "lastTimestamp": at, "count": 1,
     }
