@@ -198,5 +198,8 @@ def test_removing_the_agent_fails_the_operation_and_the_daemon_keeps_running(env
         kube.apply(mop(f"{name}-again", host.name, "AgentReset"))
         w.wait_phase(f"{name}-again", "Complete", "Failed")
     assert w.phases(f"{name}-again")[-1] == "Complete", kube.condition(f"{name}-again")
-    wait_until("the daemon to stop", lambda: daemon_state(host).get("ActiveState") == "inactive")
+    # the reset ends with phase 2, once the daemon has stopped (its exit hook makes the state dir again, which the
+    # stop step removes): the dispatcher running it exits then
+    wait_until("the daemon and the reset's dispatcher to stop", lambda: daemon_state(host).get("ActiveState") == "inactive"
+               and host.run(["systemctl", "is-active", DISPATCH], check=False).stdout.strip() == "inactive")
     assert not host.path("/var/lib/unbounded-agent").exists()

@@ -50,7 +50,7 @@ def link(host, name: str) -> str:
 
 
 def test_every_setting_reaches_the_units(host, cfg):
-    assert unit_seconds(host, DAEMON) == 20  # readyTimeoutSeconds: systemd's own start bound for the daemon
+    assert unit_seconds(host, DAEMON) == 20 + 30  # readyTimeoutSeconds + the margin: systemd's backstop for the daemon
     assert unit_seconds(host, "unbounded-upgrade-stage@x.service") == units.stage_seconds(cfg) == 900 + 120
     assert unit_seconds(host, "unbounded-upgrade-preflight@x.service") == units.preflight_seconds(cfg) == 15 + 60
     assert unit_seconds(host, "unbounded-upgrade-probation.service") == units.probation_seconds(cfg)

@@ -59,7 +59,7 @@ def test_every_setting_a_unit_depends_on_reaches_its_drop_in(write_config):
     d = {unit: settings(text) for unit, text in generator.dropins(cfg).items()}
     daemon = d["unbounded-agent-daemon.service"]
     assert daemon["ExecStart"] == "/opt/agent-bin/unbounded-agent-current daemon"
-    assert seconds(daemon["TimeoutStartSec"]) == 20
+    assert seconds(daemon["TimeoutStartSec"]) == 20 + units.DAEMON_START_MARGIN_SECONDS  # probation judges readiness
     assert daemon["ReadWritePaths"] == "-/srv/agent-state/machineoperations"  # made by its ExecStartPre=
     assert daemon["StateDirectory"] == "unbounded-agent-ops/spool unbounded-agent-ops/gates"  # not /var/lib/unbounded-agent
     assert seconds(d["unbounded-upgrade-stage@.service"]["TimeoutStartSec"]) == 3600 + units.STAGE_MARGIN_SECONDS
@@ -115,4 +115,4 @@ def test_by_hand_it_prints_what_it_would_write(write_config, capsys):
     write_config("readyTimeoutSeconds: 30\n")
     assert generator.main([]) == 0
     out = capsys.readouterr().out
-    assert "# unbounded-agent-daemon.service.d/" in out and "TimeoutStartSec=30s" in out
+    assert "# unbounded-agent-daemon.service.d/" in out and "TimeoutStartSec=60s" in out  # 30 s + the margin

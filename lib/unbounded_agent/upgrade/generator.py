@@ -5,7 +5,7 @@ link to ``/usr/libexec/unbounded-agent/unbounded-agent-generator``), and it writ
 directory one drop-in per unit whose settings come from ``/etc/unbounded/agent/config.yaml``:
 
     unbounded-agent-daemon.service           ExecStart=<binDir>/unbounded-agent-current daemon,
-                                             TimeoutStartSec=readyTimeoutSeconds, and the one directory its
+                                             TimeoutStartSec=readyTimeoutSeconds + a margin, and the one directory its
                                              sandbox may write under stateDir (the watcher's progress)
     unbounded-upgrade-stage@.service         TimeoutStartSec=downloadDeadlineSeconds + a margin
     unbounded-upgrade-preflight@.service     TimeoutStartSec=preflightTimeoutSeconds + a margin, and its
@@ -44,7 +44,7 @@ def dropins(cfg: Config) -> dict[str, str]:
     """unit name -> the drop-in that makes it follow cfg."""
     state, bin_dir = str(cfg.state_dir), str(cfg.bin_dir)
     daemon = ["[Service]", "ExecStart=", f"ExecStart={bin_dir}/unbounded-agent-current daemon",
-              f"TimeoutStartSec={seconds(cfg.ready_timeout_seconds)}"]
+              f"TimeoutStartSec={seconds(units.daemon_start_seconds(cfg))}"]
     if state != config_module.DEFAULT_STATE_DIR:
         # StateDirectory= only makes directories under /var/lib: elsewhere the progress dir is made before
         # the sandbox is set up ('+': outside it) and listed as the one writable place there.

@@ -26,6 +26,9 @@ START_LIMIT_WAIT_MAX = 305.0  # as upstream: at most the 5-minute interval, plus
 STAGE_MARGIN_SECONDS = 120  # after the download's deadline: extraction, digests, fsync
 PREFLIGHT_MARGIN_SECONDS = 60  # after the candidate's own timeout: kill, digest, record
 MARGIN_SECONDS = 60
+# The daemon's own TimeoutStartSec= is this much past readyTimeoutSeconds: probation judges readiness, and
+# systemd's kill at the same moment would turn "not ready in time" into "exited before ready".
+DAEMON_START_MARGIN_SECONDS = 30
 
 
 def step_unit(step: str, id: str) -> str:
@@ -75,6 +78,10 @@ def recovery_seconds(cfg: Config) -> float:
     daemon's readiness, and its writes (retried while the state dir refuses them)."""
     return (STOP_BOUND_SECONDS + START_LIMIT_WAIT_MAX + cfg.ready_timeout_seconds + 3 * STATE_RETRY_SECONDS
             + MARGIN_SECONDS)
+
+
+def daemon_start_seconds(cfg: Config) -> float:
+    return cfg.ready_timeout_seconds + DAEMON_START_MARGIN_SECONDS
 
 
 def stage_seconds(cfg: Config) -> float:
