@@ -1,6 +1,6 @@
 """The units' sandboxes, as far as the files show them: README's exposure table has a row for every service,
-every service restricts what it can (a test on the test host measures it), and the machine-trees step has no
-mount namespace — its unmounts must reach the host's mounts."""
+every service restricts what it can (a test on the test host measures it), and the steps that unmount inside
+what they remove have no mount namespace — their unmounts must reach the host's mounts."""
 
 import re
 from pathlib import Path
@@ -10,7 +10,8 @@ from exposure import recorded
 REPO = Path(__file__).resolve().parents[2]
 
 UNITS = REPO / "units"
-TREES = "unbounded-agent-reset-remove-machine-trees.service"
+# They unmount what is mounted inside the trees they remove: their unmounts must reach the host's mounts.
+HOST_MOUNTS = ("unbounded-agent-reset-remove-machine-trees.service", "unbounded-agent-reset-remove-agent.service")
 # Each of these makes systemd give the unit a mount namespace of its own.
 NAMESPACING = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateIPC", "PrivateMounts",
                "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
@@ -34,10 +35,11 @@ def test_every_service_is_sandboxed():
         text = p.read_text()
         missing = [s for s in EVERYWHERE if not re.search(rf"^{re.escape(s)}", text, re.M)]
         assert missing == [], (p.name, missing)
-        if p.name != TREES:
+        if p.name not in HOST_MOUNTS:
             assert "ProtectSystem=strict" in text, p.name
 
 
-def test_the_machine_trees_step_shares_the_hosts_mounts():
-    keys = set(re.findall(r"^(\w+)=", (UNITS / TREES).read_text(), re.M))
-    assert keys.isdisjoint(NAMESPACING), keys & set(NAMESPACING)
+def test_the_steps_that_unmount_share_the_hosts_mounts():
+    for name in HOST_MOUNTS:
+        keys = set(re.findall(r"^(\w+)=", (UNITS / name).read_text(), re.M))
+        assert keys.isdisjoint(NAMESPACING), (name, keys & set(NAMESPACING))

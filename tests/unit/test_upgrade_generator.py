@@ -67,8 +67,9 @@ def test_the_units_that_write_or_remove_the_agents_files_may_write_there(write_c
                  "unbounded-upgrade-probation.service", units.RECOVERY_UNIT, units.DISPATCH_UNIT):
         assert paths(d[unit]["ReadWritePaths"]) == {"/srv/agent-state", "/opt/agent-bin"}, unit
     # a directory bound into the unit's namespace could not be removed there: its parent is writable instead
-    for unit in ("unbounded-agent-reset-remove-agent.service", "unbounded-agent-reset-stop-daemon.service"):
-        assert paths(d[unit]["ReadWritePaths"]) == {"/srv", "/opt/agent-bin"}, unit
+    assert paths(d["unbounded-agent-reset-stop-daemon.service"]["ReadWritePaths"]) == {"/srv", "/opt/agent-bin"}
+    # remove-agent shares the host's mounts (its unmounts must reach them): no drop-in may give it a namespace
+    assert "unbounded-agent-reset-remove-agent.service" not in d
     nested = generator.dropins(write_config("stateDir: /srv/agent-state\nbinDir: /srv/agent-state/bin\n"))
     assert settings(nested["unbounded-upgrade-switch@.service"])["ReadWritePaths"] == "-/srv/agent-state"
 
@@ -106,7 +107,7 @@ def test_under_tmp_the_units_share_the_hosts_tmp(write_config):
     for unit in ("unbounded-agent-daemon.service", "unbounded-upgrade-stage@.service",
                  "unbounded-upgrade-preflight@.service", "unbounded-upgrade-switch@.service",
                  "unbounded-upgrade-probation.service", units.RECOVERY_UNIT, units.DISPATCH_UNIT,
-                 "unbounded-agent-reset-remove-agent.service", "unbounded-agent-reset-stop-daemon.service",
+                 "unbounded-agent-reset-stop-daemon.service",
                  "unbounded-agent-reset-verify.service", "unbounded-agent-reset-finish.service",
                  "unbounded-agent-metrics.service"):
         assert "PrivateTmp=no" in drop[unit], unit

@@ -13,8 +13,8 @@ directory one drop-in per unit whose settings come from ``/etc/unbounded/agent/c
     unbounded-upgrade-probation.service      TimeoutStartSec= from readyTimeoutSeconds and probationSeconds
     unbounded-agent-daemon-recovery.service  TimeoutStartSec= from readyTimeoutSeconds
     and every sandboxed unit that writes     ReadWritePaths= for binDir and stateDir (the dispatcher, stage,
-    or inventories the agent's files         switch, probation, recovery), or for their parents (the reset steps
-                                             that remove them); PrivateTmp=no when they are under /tmp or /var/tmp
+    or inventories the agent's files         switch, probation, recovery), or their parents (stop-daemon);
+                                             PrivateTmp=no when they are under /tmp or /var/tmp
 
 The unit files carry the same values for the default config. A config that cannot be read writes nothing
 (the units keep those defaults) and says why on stderr (the kernel log at boot, the journal at
@@ -58,8 +58,9 @@ def dropins(cfg: Config) -> dict[str, str]:
     preflight = ["[Service]", f"TimeoutStartSec={seconds(units.preflight_seconds(cfg))}",
                  "ReadWritePaths=", f"ReadWritePaths=-{state}", "ReadOnlyPaths=", f"ReadOnlyPaths=-{bin_dir}"]
     # Added to the defaults the unit files list ('-': a directory that does not exist is no error). The units
-    # that write the agent's files get the directories themselves; the reset steps that remove them get their
-    # parents: a directory bound into a unit's namespace is a mount point there, and cannot be removed.
+    # that write the agent's files get the directories themselves; stop-daemon, which removes a state dir made
+    # again, gets its parent: a directory bound into a unit's namespace is a mount point there, and cannot be
+    # removed. (remove-agent has no mount namespace: its unmounts must reach the host's.)
     writes = "ReadWritePaths=" + " ".join(f"-{d}" for d in _outermost([state, bin_dir]))
     removes = "ReadWritePaths=" + " ".join(f"-{d}" for d in _outermost([os.path.dirname(state), bin_dir]))
     out = {
@@ -72,7 +73,6 @@ def dropins(cfg: Config) -> dict[str, str]:
                                                 writes],
         units.RECOVERY_UNIT: ["[Service]", f"TimeoutStartSec={seconds(units.recovery_seconds(cfg))}", writes],
         units.DISPATCH_UNIT: ["[Service]", writes],
-        "unbounded-agent-reset-remove-agent.service": ["[Service]", removes],
         "unbounded-agent-reset-stop-daemon.service": ["[Service]", removes],
         # they only read there (inventories), but a private /tmp would show them nothing
         "unbounded-agent-reset-verify.service": ["[Service]"],
