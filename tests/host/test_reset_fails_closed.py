@@ -45,8 +45,10 @@ def assert_converges(host, fx):
 def test_a_netlink_inventory_failure_fails_remove_links_closed(fresh_agent_host):
     host = fresh_agent_host
     fx = bootstrap(host)
-    # A real netlink failure: the step's unit may not open AF_NETLINK sockets at all.
-    drop_in(host, "unbounded-agent-reset-remove-links.service", "[Service]\nRestrictAddressFamilies=AF_UNIX\n")
+    # A real netlink failure: the step's unit may not open AF_NETLINK sockets at all (the empty assignment drops
+    # the families the unit file allows).
+    drop_in(host, "unbounded-agent-reset-remove-links.service",
+            "[Service]\nRestrictAddressFamilies=\nRestrictAddressFamilies=AF_UNIX\n")
     code, report, _ = run_reset(host)
     snap = snapshot(host)
 

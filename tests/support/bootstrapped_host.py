@@ -358,8 +358,9 @@ DISPATCH = "unbounded-agent-dispatch.service"
 LOCK = "/run/unbounded-agent-install.lock"
 HOLD_MARKER = "/var/tmp/test-hold-{step}"
 # A runtime drop-in (gone at the next boot) that makes the step's unit wait, before the step itself runs,
-# until its marker is removed; the marker holds the waiting shell's pid. ($$ is a literal $ in a unit file.)
-HOLD_DROPIN = ("[Service]\nExecStartPre=/bin/sh -c 'echo $$$$ > {marker}; "
+# until its marker is removed; the marker holds the waiting shell's pid. ($$ is a literal $ in a unit file;
+# '+' runs the wait outside the step's sandbox, whose /var/tmp is private and read-only.)
+HOLD_DROPIN = ("[Service]\nExecStartPre=+/bin/sh -c 'echo $$$$ > {marker}; "
                "while [ -e {marker} ]; do sleep 0.1; done'\n")
 
 

@@ -47,10 +47,31 @@ def test_the_unit_files_carry_the_values_of_the_default_config(tmp_path):
     for unit, dropin in generator.dropins(cfg).items():
         shipped = settings((UNITS / unit).read_text())
         generated = settings(dropin)
-        for key in ("ExecStart", "ReadWritePaths", "ReadOnlyPaths"):
+        if "ExecStart" in generated:
+            assert shipped["ExecStart"] == generated["ExecStart"], unit
+        for key in ("ReadWritePaths", "ReadOnlyPaths"):  # the sandbox's paths: the unit file lists them already
             if key in generated:
-                assert shipped[key] == generated[key].lstrip("-"), (unit, key)
-        assert seconds(shipped["TimeoutStartSec"]) == seconds(generated["TimeoutStartSec"]), unit
+                assert paths(generated[key]) <= paths(shipped[key]), (unit, key)
+        if "TimeoutStartSec" in generated:
+            assert seconds(shipped["TimeoutStartSec"]) == seconds(generated["TimeoutStartSec"]), unit
+
+
+def paths(value: str) -> set[str]:
+    return {p.lstrip("-") for p in value.split()}
+
+
+def test_the_units_that_write_or_remove_the_agents_files_may_write_there(write_config):
+    d = {u: settings(t) for u, t in generator.dropins(write_config("binDir: /opt/agent-bin\n"
+                                                                   "stateDir: /srv/agent-state\n")).items()}
+    for unit in ("unbounded-upgrade-stage@.service", "unbounded-upgrade-switch@.service",
+                 "unbounded-upgrade-probation.service", units.RECOVERY_UNIT, units.DISPATCH_UNIT):
+        assert paths(d[unit]["ReadWritePaths"]) == {"/srv/agent-state", "/opt/agent-bin"}, unit
+    # a directory bound into the unit's namespace could not be removed there: its parent is writable instead
+    assert paths(d["unbounded-agent-reset-stop-daemon.service"]["ReadWritePaths"]) == {"/srv", "/opt/agent-bin"}
+    # remove-agent shares the host's mounts (its unmounts must reach them): no drop-in may give it a namespace
+    assert "unbounded-agent-reset-remove-agent.service" not in d
+    nested = generator.dropins(write_config("stateDir: /srv/agent-state\nbinDir: /srv/agent-state/bin\n"))
+    assert settings(nested["unbounded-upgrade-switch@.service"])["ReadWritePaths"] == "-/srv/agent-state"
 
 
 def test_every_setting_a_unit_depends_on_reaches_its_drop_in(write_config):
@@ -81,9 +102,16 @@ def test_an_empty_assignment_resets_what_the_unit_file_lists(write_config):
 
 def test_under_tmp_the_units_share_the_hosts_tmp(write_config):
     drop = generator.dropins(write_config("stateDir: /var/tmp/agent\n"))
+    # every unit with a private /tmp that writes the agent's files or looks for them (an inventory that looked
+    # in a private /tmp would find nothing left)
     for unit in ("unbounded-agent-daemon.service", "unbounded-upgrade-stage@.service",
-                 "unbounded-upgrade-preflight@.service"):
-        assert "PrivateTmp=no" in drop[unit]
+                 "unbounded-upgrade-preflight@.service", "unbounded-upgrade-switch@.service",
+                 "unbounded-upgrade-probation.service", units.RECOVERY_UNIT, units.DISPATCH_UNIT,
+                 "unbounded-agent-reset-stop-daemon.service",
+                 "unbounded-agent-reset-verify.service", "unbounded-agent-reset-finish.service",
+                 "unbounded-agent-metrics.service"):
+        assert "PrivateTmp=no" in drop[unit], unit
+    assert "PrivateTmp=yes" in (UNITS / "unbounded-agent-reset-verify.service").read_text()
     assert "PrivateTmp" not in generator.dropins(write_config("stateDir: /srv/a\n"))["unbounded-agent-daemon.service"]
 
 

@@ -12,6 +12,9 @@ directory one drop-in per unit whose settings come from ``/etc/unbounded/agent/c
                                              sandbox: stateDir writable, binDir read-only
     unbounded-upgrade-probation.service      TimeoutStartSec= from readyTimeoutSeconds and probationSeconds
     unbounded-agent-daemon-recovery.service  TimeoutStartSec= from readyTimeoutSeconds
+    and every sandboxed unit that writes     ReadWritePaths= for binDir and stateDir (the dispatcher, stage,
+    or inventories the agent's files         switch, probation, recovery), or their parents (stop-daemon);
+                                             PrivateTmp=no when they are under /tmp or /var/tmp
 
 The unit files carry the same values for the default config. A config that cannot be read writes nothing
 (the units keep those defaults) and says why on stderr (the kernel log at boot, the journal at
@@ -22,6 +25,7 @@ can honour.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -53,18 +57,37 @@ def dropins(cfg: Config) -> dict[str, str]:
                    f"ExecStartPre=+/usr/bin/mkdir -p -m 0700 {progress}", f"ReadWritePaths=-{progress}"]
     preflight = ["[Service]", f"TimeoutStartSec={seconds(units.preflight_seconds(cfg))}",
                  "ReadWritePaths=", f"ReadWritePaths=-{state}", "ReadOnlyPaths=", f"ReadOnlyPaths=-{bin_dir}"]
-    stage = ["[Service]", f"TimeoutStartSec={seconds(units.stage_seconds(cfg))}"]
-    if any(p == t or p.startswith(t + "/") for p in (state, bin_dir) for t in config_module.TMP_DIRS):
-        for lines in (daemon, preflight, stage):  # a private /tmp would hide the agent's files from the unit
-            lines.append("PrivateTmp=no")
-    return {
-        "unbounded-agent-daemon.service": _text(daemon),
-        "unbounded-upgrade-stage@.service": _text(stage),
-        "unbounded-upgrade-preflight@.service": _text(preflight),
-        "unbounded-upgrade-probation.service": _text(["[Service]",
-                                                      f"TimeoutStartSec={seconds(units.probation_seconds(cfg))}"]),
-        units.RECOVERY_UNIT: _text(["[Service]", f"TimeoutStartSec={seconds(units.recovery_seconds(cfg))}"]),
+    # Added to the defaults the unit files list ('-': a directory that does not exist is no error). The units
+    # that write the agent's files get the directories themselves; stop-daemon, which removes a state dir made
+    # again, gets its parent: a directory bound into a unit's namespace is a mount point there, and cannot be
+    # removed. (remove-agent has no mount namespace: its unmounts must reach the host's.)
+    writes = "ReadWritePaths=" + " ".join(f"-{d}" for d in _outermost([state, bin_dir]))
+    removes = "ReadWritePaths=" + " ".join(f"-{d}" for d in _outermost([os.path.dirname(state), bin_dir]))
+    out = {
+        "unbounded-agent-daemon.service": daemon,
+        "unbounded-upgrade-stage@.service": ["[Service]", f"TimeoutStartSec={seconds(units.stage_seconds(cfg))}",
+                                             writes],
+        "unbounded-upgrade-preflight@.service": preflight,
+        "unbounded-upgrade-switch@.service": ["[Service]", writes],
+        "unbounded-upgrade-probation.service": ["[Service]", f"TimeoutStartSec={seconds(units.probation_seconds(cfg))}",
+                                                writes],
+        units.RECOVERY_UNIT: ["[Service]", f"TimeoutStartSec={seconds(units.recovery_seconds(cfg))}", writes],
+        units.DISPATCH_UNIT: ["[Service]", writes],
+        "unbounded-agent-reset-stop-daemon.service": ["[Service]", removes],
+        # they only read there (inventories), but a private /tmp would show them nothing
+        "unbounded-agent-reset-verify.service": ["[Service]"],
+        "unbounded-agent-reset-finish.service": ["[Service]"],
+        "unbounded-agent-metrics.service": ["[Service]"],
     }
+    if any(p == t or p.startswith(t + "/") for p in (state, bin_dir) for t in config_module.TMP_DIRS):
+        for lines in out.values():  # a private /tmp would hide the agent's files from the unit
+            lines.append("PrivateTmp=no")
+    return {unit: _text(lines) for unit, lines in out.items() if len(lines) > 1}
+
+
+def _outermost(dirs: list[str]) -> list[str]:
+    """dirs without those inside another of them (binDir inside stateDir, the default)."""
+    return [d for d in dict.fromkeys(dirs) if not any(o != d and d.startswith(o.rstrip("/") + "/") for o in dirs)]
 
 
 def _text(lines: list[str]) -> str:
