@@ -196,6 +196,7 @@ def service_snapshot(name: str) -> dict:
                 "exec_main_code": _CLD.get(code, str(code) if code else None),
                 "exec_main_status": int(svc.ExecMainStatus),
                 "exec_main_pid": int(svc.ExecMainPID),
+                "status_text": _text(svc.StatusText),  # the service's own STATUS= (sd_notify), "" if none
             }
     except Exception as e:
         raise _fail(f"cannot query {name} over D-Bus", e) from None

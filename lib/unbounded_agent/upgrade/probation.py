@@ -2,8 +2,10 @@
 
 Healthy means: a new invocation of ``unbounded-agent-daemon.service`` reaches ``active`` (Type=notify: the
 binary itself reported READY=1) within ``readyTimeoutSeconds``, then stays active with the same invocation,
-MainPID and NRestarts for ``probationSeconds``. Then the upgrade is committed. Anything else — a crash
-before or after ready, a restart, no readiness in time — records the failure and starts
+MainPID and NRestarts for ``probationSeconds``, never claiming (in its sd_notify ``STATUS=``, as
+``unbounded-agent <version>: ...``) another version than its ``version`` printed in preflight. Then the
+upgrade is committed. Anything else — a crash before or after ready, a restart, no readiness in time, a
+version that is not the one checked — records the failure and starts
 ``unbounded-agent-daemon-recovery.service``. This does not depend on when systemd fires ``OnFailure=``
 (which changed between versions).
 """
@@ -25,7 +27,9 @@ JOURNAL_LINES = 20
 # Failure.cause: why an upgrade was rolled back, in one word each (the label of the rollbacks metric)
 EXITED_BEFORE_READY, NOT_READY, STOPPED = "ExitedBeforeReady", "NotReady", "StoppedOnProbation"
 INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD = "ProbationInterrupted", "Unwatchable", "FailedUnderSystemd"
-CAUSES = (EXITED_BEFORE_READY, NOT_READY, STOPPED, INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD)
+VERSION_MISMATCH = "VersionMismatch"
+CAUSES = (EXITED_BEFORE_READY, NOT_READY, STOPPED, INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD, VERSION_MISMATCH)
+STATUS_PREFIX = "unbounded-agent "
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +74,27 @@ def journal_lines(unit: str, since_epoch: float | None, lines: int = JOURNAL_LIN
     return query(*own, n=lines - 5) + manager[-5:]
 
 
+def claimed_version(status_text: str | None) -> str | None:
+    """The version a daemon claims in its STATUS= ("unbounded-agent 2.0.0: connected ..."), or None."""
+    if not status_text or not status_text.startswith(STATUS_PREFIX):
+        return None
+    words = status_text[len(STATUS_PREFIX):].split(maxsplit=1)
+    version = words[0].rstrip(":") if words else ""
+    return version or None
+
+
+def _lies(snap: dict, expected: str | None) -> tuple[Failure, str | None] | None:
+    """A daemon claiming another version than the binary's `version` printed: what runs is not what was
+    checked and recorded (the Machine's agent-version annotation and the operation's message would disagree)."""
+    claimed = claimed_version(snap.get("status_text"))
+    if expected is None or claimed is None or claimed == expected:
+        return None
+    return daemon_failure(snap, f"the new daemon claims version {claimed[:64]!r} in its status, but its `version` "
+                                f"printed {expected[:64]!r}", VERSION_MISMATCH)
+
+
 def watch(cfg: Config, old_invocation: str | None, snapshot=None, clock=time.monotonic,
-          sleep=time.sleep) -> tuple[Failure, str | None] | None:
+          sleep=time.sleep, expected_version: str | None = None) -> tuple[Failure, str | None] | None:
     """Watch the daemon: None when healthy for the whole window, else the failure and its invocation."""
     snapshot = snapshot or (lambda: systemd.service_snapshot(systemd.DAEMON_UNIT))
     ready_deadline = clock() + cfg.ready_timeout_seconds
@@ -87,6 +110,8 @@ def watch(cfg: Config, old_invocation: str | None, snapshot=None, clock=time.mon
             return daemon_failure(snap, f"the new daemon did not report ready within {cfg.ready_timeout_seconds:g} s "
                                         f"(state {snap['active_state']}/{snap['sub_state']})", NOT_READY)
         sleep(POLL_SECONDS)
+    if (lie := _lies(snap, expected_version)) is not None:
+        return lie
     base = (snap["invocation"], snap["main_pid"], snap["n_restarts"])
     log.info(f"daemon ready (pid {snap['main_pid']}); probation for {cfg.probation_seconds:g} s")
     # 2. it stays up, unchanged, for the probation window
@@ -97,6 +122,8 @@ def watch(cfg: Config, old_invocation: str | None, snapshot=None, clock=time.mon
         if snap["active_state"] != "active" or (snap["invocation"], snap["main_pid"], snap["n_restarts"]) != base:
             return daemon_failure(snap, f"the new daemon stopped during probation (state {snap['active_state']}/"
                                         f"{snap['sub_state']})", STOPPED)
+        if (lie := _lies(snap, expected_version)) is not None:
+            return lie
     return None
 
 
@@ -121,7 +148,7 @@ def run(cfg: Config) -> UpgradeRecord | None:
     else:
         holdpoint.hold(store.dir, "probation-watching")
         try:
-            verdict = watch(cfg, prob.old_invocation)
+            verdict = watch(cfg, prob.old_invocation, expected_version=rec.to.version if rec.to else None)
         except systemd.SystemdError as e:
             verdict = Failure(detail=f"cannot watch the daemon: {e}", cause=UNWATCHABLE), None
     with store.transaction() as rec:
