@@ -3,11 +3,13 @@
 
 Boots a Debian 12 systemd test host, installs the .deb and shows the agent's version, its status
 and its daemon unit. Later features add their part of the story as `demo_*.py` modules with a
-`run(host, say)` function; they run here in order, each on the same host.
+`run(host, say)` function (`run(host, say, deb)` for one that boots more hosts: the fleet); they run here
+in order, each on the same host.
 """
 
 import argparse
 import importlib
+import inspect
 import shlex
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ for _p in (REPO / "demo", REPO / "tests" / "support", REPO / "lib"):
 import testhost_tree  # noqa: E402
 from testhost import boot_testhost  # noqa: E402
 
-CHAPTERS = ["demo_upgrade", "demo_mop", "demo_reset"]  # optional: run when present
+CHAPTERS = ["demo_upgrade", "demo_mop", "demo_fleet", "demo_reset"]  # optional: run when present
 
 
 def say(text: str) -> None:
@@ -54,7 +56,10 @@ def main() -> int:
         show(host, ["systemctl", "status", "--no-pager", "--lines=5", "unbounded-agent-daemon"])
         for name in CHAPTERS:
             if (REPO / "demo" / f"{name}.py").exists():
-                importlib.import_module(name).run(host, say)
+                chapter = importlib.import_module(name)
+                # a chapter that boots hosts of its own installs the same package on them
+                extra = {"deb": args.deb} if "deb" in inspect.signature(chapter.run).parameters else {}
+                chapter.run(host, say, **extra)
         say("Done: the test host is powered off and its overlay removed")
     return 0
 

@@ -80,7 +80,7 @@ def watch(kube: KubeLink, name: str, timeout: float = 300) -> str:
     return phase
 
 
-def _ensure_agent(host, say) -> None:
+def ensure_agent(host, say) -> None:
     """An earlier chapter may have reset the host (the agent removed itself, the toolset package stayed): put
     the agent back as bootstrap does — seed the slots from the package, enable and start the daemon."""
     if daemon_state(host).get("ActiveState") == "active":
@@ -92,7 +92,7 @@ def _ensure_agent(host, say) -> None:
 
 
 def run(host, say) -> None:
-    _ensure_agent(host, say)
+    ensure_agent(host, say)
     work = Path(tempfile.mkdtemp(prefix="demo-mop-"))
     say("MachineOperations: a Kubernetes API server (the test one) in a test network, and a link from the host")
     kube = KubeLink.start(host, work)

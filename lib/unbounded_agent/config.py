@@ -5,7 +5,9 @@ traceback, so a daemon with a bad config fails once with a readable journal line
 """
 
 import dataclasses
+import math
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,22 @@ _KEYS: dict[str, tuple[str, tuple[type[Any], ...]]] = {
 }
 _PATHS = ("binDir", "stateDir")
 
+# The tunables the units take (upgrade/generator.py writes them into drop-ins at daemon-reload), with the
+# bounds a unit can honour: a value outside them is refused here, with the unit it would go into named,
+# rather than written into a unit that would cut the step short or never end it.
+BOUNDS: dict[str, tuple[float, float, str]] = {
+    "readyTimeoutSeconds": (1, 1800, "the daemon unit's TimeoutStartSec= and probation's ready deadline"),
+    "probationSeconds": (1, 3600, "the probation unit's TimeoutStartSec="),
+    "downloadDeadlineSeconds": (1, 86400, "the stage unit's TimeoutStartSec="),
+    "preflightTimeoutSeconds": (1, 600, "the preflight unit's TimeoutStartSec="),
+}
+# Paths go into unit files (ExecStart=, ReadWritePaths=) unquoted: only characters that need no quoting.
+_UNIT_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+@-]*")
+# The sandboxed units see no /home (ProtectHome=), and kernel file systems are no place for files: the agent's
+# cannot live there. (Under /tmp or /var/tmp the generator has the units share the host's /tmp instead.)
+_NOT_UNDER = ("/home", "/root", "/run/user", "/proc", "/sys", "/dev")
+TMP_DIRS = ("/tmp", "/var/tmp")
+
 
 def ops_dir() -> Path:
     return Path(os.environ.get(ENV_OPS_DIR) or OPS_DIR)
@@ -115,13 +133,37 @@ def _build(data: dict, source: str) -> Config:
         # bool is an int in Python: `maxArchiveBytes: true` must not pass as 1.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be a {types[0].__name__}, got {type(value).__name__}")
-        if key in _PATHS and not os.path.isabs(value):
-            raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be an absolute path, got {value!r}")
-        if types[0] in (int, float) and value <= 0:
-            raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be greater than 0, got {value}")
+        if key in _PATHS:
+            value = _check_path(source, key, value)
+        if types[0] in (int, float):
+            _check_number(source, key, value)
         values[attr] = value
     values["machine_name"] = values.get("machine_name") or socket.gethostname()
     values["bin_dir"] = Path(values.get("bin_dir", DEFAULT_BIN_DIR))
     values["state_dir"] = Path(values.get("state_dir", DEFAULT_STATE_DIR))
     values.setdefault("kubeconfig", None)
     return Config(source=source, **values)
+
+
+def _check_number(source: str, key: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be a finite number greater than 0, got {value}")
+    if key in BOUNDS:
+        low, high, where = BOUNDS[key]
+        if not low <= value <= high:
+            raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be between {low:g} and {high:g} seconds "
+                                                  f"(it sets {where}), got {value:g}")
+
+
+def _check_path(source: str, key: str, value: str) -> str:
+    if not os.path.isabs(value):
+        raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} must be an absolute path, got {value!r}")
+    path = os.path.normpath(value)
+    if not _UNIT_SAFE_PATH.fullmatch(path) or path == "/":
+        raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} {value!r} cannot go into a unit file: use a "
+                                              "directory other than / made of letters, digits and . _ + @ - only")
+    under = next((d for d in _NOT_UNDER if path == d or path.startswith(d + "/")), None)
+    if under:
+        raise OpsError(Reason.INVALID_CONFIG, f"{source}: {key} {value!r} is under {under}, which the agent's "
+                                              "sandboxed units cannot see: choose another directory")
+    return path

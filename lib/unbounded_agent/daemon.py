@@ -70,7 +70,7 @@ def start_watchdog(alive, stop: threading.Event, notify=systemd.notify) -> threa
 # Every module of this package the daemon can reach, imported inside functions included (test_daemon.py
 # checks the list against the code).
 PRELOAD = ("config", "fsutil", "log", "records", "reasons", "systemd", "urls", "version", "queue.spool",
-           "upgrade.record", "kube.adoption", "kube.client", "kube.listwatch", "kube.mop", "kube.progress",
+           "upgrade.record", "kube.adoption", "kube.aftercommit", "kube.client", "kube.listwatch", "kube.mop", "kube.progress",
            "kube.events", "kube.reset_driver", "kube.standalone", "kube.status", "kube.upgrade_driver", "kube.watcher")
 
 

@@ -97,6 +97,12 @@ def binary_version(path: str | os.PathLike, timeout: float = 10.0) -> str | None
 
 
 PACKAGED_AGENT = "/usr/lib/unbounded-agent/unbounded-agent"
+ENV_PACKAGED_AGENT = "UNBOUNDED_AGENT_PACKAGED"  # tests point it elsewhere
+
+
+def packaged_agent() -> Path:
+    """The agent the package ships: what seeds the first slot, and the rollback of last resort."""
+    return Path(os.environ.get(ENV_PACKAGED_AGENT) or PACKAGED_AGENT)
 
 
 def seed_main(argv: list[str] | None = None) -> int:

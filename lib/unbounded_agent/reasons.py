@@ -17,8 +17,11 @@ class Reason(str, enum.Enum):
     INSUFFICIENT_SPACE = "InsufficientSpace"
     PREFLIGHT_FAILED = "PreflightFailed"
     DAEMON_FAILED = "DaemonFailed"
+    DAEMON_FAILED_AFTER_COMMIT = "DaemonFailedAfterCommit"  # kept failing within the window after its commit
+    DAEMON_NOT_RESTARTED = "DaemonNotRestarted"  # rolled back, but systemd would not start the daemon again
     UPGRADE_IN_PROGRESS = "UpgradeInProgress"
     QUARANTINED = "Quarantined"
+    STATE_UNWRITABLE = "StateUnwritable"  # the state dir refused writes (read-only, full) past a bounded retry
     # AgentReset
     HOST_LOCKED = "HostLocked"
     INVENTORY_FAILED = "InventoryFailed"
@@ -49,12 +52,15 @@ _EXIT_CODES = {
     Reason.DAEMON_FAILED: 15,
     Reason.UPGRADE_IN_PROGRESS: 16,
     Reason.QUARANTINED: 17,
+    Reason.DAEMON_FAILED_AFTER_COMMIT: 18,
+    Reason.DAEMON_NOT_RESTARTED: 19,
     Reason.HOST_LOCKED: 20,
     Reason.INVENTORY_FAILED: 21,
     Reason.UNSAFE_REMOVAL: 22,
     Reason.MACHINE_STILL_RUNNING: 23,
     Reason.RESET_INCOMPLETE: 24,
     Reason.SUPERSEDED: 25,
+    Reason.STATE_UNWRITABLE: 26,
 }
 
 

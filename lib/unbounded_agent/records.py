@@ -12,9 +12,11 @@ Unknown keys are ignored when reading, so a newer writer's extra fields never br
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import os
+import time
 import types
 import typing
 from pathlib import Path
@@ -22,6 +24,12 @@ from pathlib import Path
 from . import fsutil
 
 T = typing.TypeVar("T")
+
+# A write the file system refuses for a while (full, remounted read-only, a stale NFS handle, an I/O error) is
+# retried for this long before the caller hears StateUnwritable: long enough for space to be freed or a
+# remount undone, short enough that the units around it (their TimeoutStartSec= counts it) still end.
+STATE_RETRY_SECONDS = 20.0
+_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ESTALE})
 
 
 class CorruptRecord(ValueError):
@@ -135,3 +143,28 @@ def now() -> str:
     import datetime
 
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def persist(write: typing.Callable[[], T], what: str, seconds: float | None = None,
+            sleep: typing.Callable[[float], None] = time.sleep, clock: typing.Callable[[], float] = time.monotonic) -> T:
+    """Run write(), retrying with backoff while the file system refuses it, for at most ``seconds`` (default
+    STATE_RETRY_SECONDS); then OpsError(StateUnwritable) naming what could not be written and why. Other
+    errors pass through."""
+    from . import log
+    from .reasons import OpsError, Reason
+
+    seconds = STATE_RETRY_SECONDS if seconds is None else seconds
+    deadline = clock() + seconds
+    delay = 0.5
+    while True:
+        try:
+            return write()
+        except OSError as e:
+            if e.errno not in _REFUSED:
+                raise
+            if clock() + delay > deadline:
+                raise OpsError(Reason.STATE_UNWRITABLE, f"cannot write {what}: {e.strerror} (errno {e.errno}); "
+                                                        f"retried for {seconds:g} s") from None
+            log.warn(f"cannot write {what}: {e.strerror}; retrying in {delay:g} s")
+            sleep(delay)
+            delay = min(delay * 2, 8.0)

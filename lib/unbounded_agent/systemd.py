@@ -185,10 +185,11 @@ def service_snapshot(name: str) -> dict:
         with Unit(name.encode(), _autoload=True) as unit:
             svc = unit.Service
             code = int(svc.ExecMainCode)
+            invocation = bytes(unit.Unit.InvocationID).hex()
             return {
                 "active_state": _text(unit.Unit.ActiveState),
                 "sub_state": _text(unit.Unit.SubState),
-                "invocation": bytes(unit.Unit.InvocationID).hex(),
+                "invocation": invocation if invocation.strip("0") else "",  # all zeros: never started
                 "job": int(unit.Unit.Job[0]),
                 "main_pid": int(svc.MainPID),
                 "n_restarts": int(svc.NRestarts),
@@ -197,6 +198,10 @@ def service_snapshot(name: str) -> dict:
                 "exec_main_status": int(svc.ExecMainStatus),
                 "exec_main_pid": int(svc.ExecMainPID),
                 "status_text": _text(svc.StatusText),  # the service's own STATUS= (sd_notify), "" if none
+                "load_state": _text(unit.Unit.LoadState),
+                # CLOCK_MONOTONIC seconds when this run left "inactive" (its start), 0 if never started
+                "started_monotonic": int(unit.Unit.InactiveExitTimestampMonotonic) / 1e6,
+                "started_realtime": int(unit.Unit.InactiveExitTimestamp) / 1e6,  # the same, since the epoch
             }
     except Exception as e:
         raise _fail(f"cannot query {name} over D-Bus", e) from None

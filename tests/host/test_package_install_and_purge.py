@@ -81,6 +81,14 @@ def test_the_queue_is_armed_and_nothing_runs_it_while_it_is_empty(installed):
     assert installed.run(["stat", "-c", "%a", "/var/lib/unbounded-agent-ops/spool/requests"]).stdout == "700\n"
 
 
+def test_the_fan_out_controller_is_installed_but_neither_enabled_nor_started(installed):
+    """It belongs on a management host, enabled there by hand (units/README.md)."""
+    out = installed.run(["systemctl", "show", "unbounded-agent-fleet-controller.service", "-p",
+                         "ActiveState,UnitFileState,LoadState"]).stdout
+    assert dict(line.split("=", 1) for line in out.splitlines()) == {
+        "ActiveState": "inactive", "UnitFileState": "disabled", "LoadState": "loaded"}
+
+
 def test_the_metrics_unit_hooks_itself_into_the_daemon(installed):
     wants = installed.run(["systemctl", "show", "unbounded-agent-daemon.service", "-p", "Wants", "--value"]).stdout
     assert "unbounded-agent-metrics.service" in wants.split()

@@ -99,7 +99,7 @@ def packages(deb_path, rpm_path, repo_root):
 
 def test_the_documented_differences_are_read(packages):
     _, _, differences = packages
-    assert len(differences) == 6
+    assert len(differences) == 7
     assert Difference("/lib/systemd/system/", "/usr/lib/systemd/system/", True) in differences
 
 
@@ -136,7 +136,7 @@ def test_the_library_and_the_packaged_agent_carry_the_stamped_version(packages, 
     _, rpm, _ = packages
     stamp = next(e for p, e in rpm.items() if p.endswith("/site-packages/unbounded_agent/_stamp.py"))
     assert stamp.data == f'VERSION = "{version}"\n'.encode()
-    assert rpm["/usr/bin/unbounded-agent"] == Entry("link", 0, b"/var/lib/unbounded-agent/bin/unbounded-agent-current")
+    assert rpm["/usr/bin/unbounded-agent"] == Entry("link", 0, b"../libexec/unbounded-agent/unbounded-agent-launcher")
     assert rpm["/usr/lib/unbounded-agent/unbounded-agent"].mode == 0o755
 
 

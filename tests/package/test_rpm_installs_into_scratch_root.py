@@ -1,13 +1,14 @@
 """The .rpm in a scratch root (`rpm --nodeps --root`), its scriptlets run for real with systemctl and
 systemd-update-helper stubbed (scratch_root.py):
 
-- install seeds slot blue and the links, byte-compiles the library, presets the three units and starts
-  the daemon and the path unit;
+- install seeds slot blue and the links, byte-compiles the library, presets the units (the fan-out controller
+  to disabled) and starts the daemon and the path unit;
 - `rpm -U` to a newer build keeps the agent an AgentUpgrade installed (slots, links, its state and a
-  queued request), marks only the path unit for restart and never touches the daemon or the dispatcher;
-- erase disables the units (stopping the daemon, the path unit and the metrics unit, not the dispatcher),
-  removes every file of the package, the toolset's state and the metrics textfile, and leaves the agent's
-  slots to `unbounded-agent reset`.
+  queued request), marks only the path unit (and the fan-out controller, where it runs) for restart and never
+  touches the daemon or the dispatcher;
+- erase disables the units (stopping the daemon, the path unit, the metrics unit and the fan-out controller,
+  not the dispatcher), removes every file of the package, the toolset's state and the metrics textfile, and
+  leaves the agent's slots to `unbounded-agent reset`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ BIN = "/var/lib/unbounded-agent/bin"
 UNITS = ("unbounded-agent-daemon.service unbounded-agent-requests.path unbounded-agent-dispatch.service "
          "unbounded-agent-metrics.service")
 TEXTFILE = "/var/lib/prometheus/node-exporter/unbounded_agent.prom"
+FLEET = "unbounded-agent-fleet-controller.service"
 STATE = ("/var/lib/unbounded-agent", "/var/lib/unbounded-agent-ops", "/var/lib/unbounded-agent-reset")
 # What an agent upgrade left: green is active, blue the one to roll back to (as the switch leaves it).
 GREEN = "#!/bin/sh\necho unbounded-agent 9.9.9\n"
@@ -103,13 +105,19 @@ def test_install_seeds_slot_blue_with_the_packaged_agent_and_creates_the_links(r
 
 def test_install_calls_preset_then_starts_the_daemon_and_the_path_unit(installed):
     assert installed["calls"] == [
-        f"systemd-update-helper install-system-units {UNITS}",
+        f"systemd-update-helper install-system-units {UNITS} {FLEET}",
         "systemctl daemon-reload",
         "systemctl -q is-enabled unbounded-agent-daemon.service",
         "systemctl start unbounded-agent-daemon.service",
         "systemctl -q is-enabled unbounded-agent-requests.path",
         "systemctl start unbounded-agent-requests.path",
     ]
+
+
+def test_the_preset_enables_the_agent_units_and_leaves_the_fan_out_controller_disabled(root, installed):
+    preset = root.host_path("/usr/lib/systemd/system-preset/50-unbounded-agent.preset").read_text()
+    rules = [line.split() for line in preset.splitlines() if line.strip() and not line.startswith("#")]
+    assert rules == [*(["enable", u] for u in UNITS.split()), ["disable", FLEET]]
 
 
 def test_the_installed_commands_run_the_seeded_agent_and_the_library(root, installed, version):
@@ -138,16 +146,18 @@ def test_upgrade_keeps_the_agents_slots_links_state_and_queue(root, upgraded):
     assert "/var/lib/unbounded-agent-ops/spool/requests/20250101t000000-abcdef.request" in upgraded["tree"]
 
 
-def test_upgrade_restarts_only_the_path_unit(upgraded):
-    assert upgraded["calls"] == ["systemd-update-helper mark-restart-system-units unbounded-agent-requests.path"]
+def test_upgrade_restarts_only_the_path_unit_and_a_running_fan_out_controller(upgraded):
+    # mark-restart: restarted at the end of the transaction if running (try-restart); never started
+    assert upgraded["calls"] == [f"systemd-update-helper mark-restart-system-units unbounded-agent-requests.path "
+                                 f"{FLEET}"]
 
 
 # --- rpm -e ----------------------------------------------------------------------------------------
 
 def test_erase_disables_the_units_and_stops_all_but_the_dispatcher(erased):
     assert erased["calls"] == [
-        "systemd-update-helper remove-system-units unbounded-agent-daemon.service unbounded-agent-requests.path "
-        "unbounded-agent-metrics.service",
+        f"systemd-update-helper remove-system-units unbounded-agent-daemon.service unbounded-agent-requests.path "
+        f"unbounded-agent-metrics.service {FLEET}",
         "systemctl --no-reload disable unbounded-agent-dispatch.service",
     ]
 

@@ -9,7 +9,11 @@ behaviour of a real server (Kubernetes 1.32 by default), not of a mock:
   sends fieldValidation=Strict and client-side `kubectl apply` works);
 - CustomResourceDefinitions: preloaded at start and/or applied with kubectl; served types follow them;
 - create/get/list/update/patch/delete/deletecollection with uid, resourceVersion, generation,
-  creationTimestamp; 409 Conflict on a stale resourceVersion; finalizers; dryRun;
+  creationTimestamp; 409 Conflict on a stale resourceVersion; finalizers; dryRun; delete preconditions (uid,
+  resourceVersion);
+- the garbage collector, at once: deleting an owner deletes its dependents (ownerReferences) that have no other
+  owner left (propagationPolicy Background, the default), or only drops their reference (Orphan); Foreground is
+  refused;
 - the status subresource (only status is kept on /status; status is ignored on the main resource;
   metadata.generation bumps only on spec changes);
 - structural schema: pruning of unknown fields (400 with fieldValidation=Strict, a Warning header with Warn),
@@ -27,8 +31,10 @@ behaviour of a real server (Kubernetes 1.32 by default), not of a mock:
 - Events in both APIs (core v1 and events.k8s.io/v1, one store) with the real validation;
 - authentication by bearer token (rotate_token, revoke_token) and, over TLS, by client certificate (CN is the
   user, each O a group, as kube-apiserver's x509 authenticator; issue_client_cert, revoke_client_cert: a
-  revoked one is 401 Unauthorized), RBAC from the ClusterRoles/ClusterRoleBindings stored in the server
-  (kubectl apply -f rbac.yaml), impersonation, SelfSubjectAccessReview (kubectl auth can-i);
+  revoked one is 401 Unauthorized), RBAC from the ClusterRoles/ClusterRoleBindings and the namespaced
+  Roles/RoleBindings stored in the server (kubectl apply -f rbac.yaml), impersonation, SelfSubjectAccessReview
+  (kubectl auth can-i);
+- Leases (coordination.k8s.io/v1), as leader election uses them;
 - CEL (kube_admission.py, with cel-python): the x-kubernetes-validations rules of CRD schemas, and
   ValidatingAdmissionPolicies with their bindings (admissionregistration.k8s.io/v1), applied with kubectl;
 - test hooks: pause()/resume() (refuse connections or answer 503), partition(match) (the connections of the
@@ -40,7 +46,7 @@ Without TLS, a request without credentials is "system:unsecured", a cluster admi
 port: kubectl sends credentials only over TLS (start_apiserver(tls=True) to meet RBAC with kubectl).
 
 Not served: protobuf (but for the access reviews of kubectl auth can-i), server-side apply, managedFields,
-Pods and the other built-in types (only events, namespaces, RBAC and CRDs), aggregated API
+Pods and the other built-in types (only events, namespaces, leases, RBAC and CRDs), aggregated API
 servers, /openapi/v2 (so kubectl 1.27 and 1.28, which validate on the client with it, need --validate=false).
 
     server = start_apiserver()               # http://127.0.0.1:<free port>, CRDs from packaging/kubernetes
@@ -1011,6 +1017,12 @@ CLUSTER_ROLE_BINDING_SCHEMA = _obj({
     **TYPE_META, "roleRef": _obj({"apiGroup": STR, "kind": STR, "name": STR}, required=["apiGroup", "kind", "name"]),
     "subjects": {"type": "array", "items": _obj({"kind": STR, "apiGroup": STR, "name": STR, "namespace": STR},
                                                required=["kind", "name"])}}, required=["roleRef"])
+ROLE_SCHEMA = _obj({**TYPE_META, "rules": {"type": "array", "items": POLICY_RULE}})
+ROLE_BINDING_SCHEMA = CLUSTER_ROLE_BINDING_SCHEMA
+LEASE_SCHEMA = _obj({**TYPE_META, "spec": _obj({
+    "holderIdentity": STR, "leaseDurationSeconds": {"type": "integer", "format": "int32"}, "acquireTime": TIME,
+    "renewTime": TIME, "leaseTransitions": {"type": "integer", "format": "int32"}, "strategy": STR,
+    "preferredHolder": STR})})
 CRD_SCHEMA = _obj({**TYPE_META, "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}, required=["spec"])
 SSAR_SCHEMA = _obj({**TYPE_META, "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
@@ -1184,7 +1196,49 @@ def builtin_types() -> list[RType]:
                                                           .get("policyName", "")),
                                     Column("ParamRef", "string", lambda o: "<unset>"), age_column()],
                            check=lambda o, old: check_policy_binding(o))
-    return [core_event, v1_event, namespace, crd, role, binding, ssar, ssr, policy, policy_binding]
+    ns_role = RType("rbac.authorization.k8s.io", "v1", "roles", "role", "Role", True, "roles", ROLE_SCHEMA,
+                    "RoleList", columns=[name_column(), created_at], name_errors=path_segment_errors)
+    ns_binding = RType("rbac.authorization.k8s.io", "v1", "rolebindings", "rolebinding", "RoleBinding", True,
+                       "rolebindings", ROLE_BINDING_SCHEMA, "RoleBindingList",
+                       columns=[name_column(), Column("Role", "string", lambda o: f"{o['roleRef']['kind']}/"
+                                                                                  f"{o['roleRef']['name']}"),
+                                age_column()], name_errors=path_segment_errors,
+                       check=lambda o, old: check_role_binding(o))
+    lease = RType("coordination.k8s.io", "v1", "leases", "lease", "Lease", True, "leases", LEASE_SCHEMA, "LeaseList",
+                  columns=[name_column(), Column("Holder", "string", lambda o: (o.get("spec") or {})
+                                                 .get("holderIdentity", "")), age_column()],
+                  check=lambda o, old: check_lease(o), normalize=normalize_lease)
+    return [core_event, v1_event, namespace, crd, role, binding, ns_role, ns_binding, lease, ssar, ssr, policy,
+            policy_binding]
+
+
+def check_role_binding(obj: dict) -> list[FieldError]:
+    """A RoleBinding refers to a Role (of its namespace) or a ClusterRole."""
+    kind = (obj.get("roleRef") or {}).get("kind")
+    if kind not in ("Role", "ClusterRole"):
+        return [FieldError("NotSupported", "roleRef.kind", 'supported values: "ClusterRole", "Role"', kind)]
+    return []
+
+
+def check_lease(obj: dict) -> list[FieldError]:
+    """ValidateLeaseSpec of pkg/apis/coordination/validation."""
+    spec = obj.get("spec") or {}
+    errors = []
+    if "leaseDurationSeconds" in spec and spec["leaseDurationSeconds"] <= 0:
+        errors.append(FieldError("Invalid", "spec.leaseDurationSeconds", "must be greater than 0",
+                                 spec["leaseDurationSeconds"]))
+    if "leaseTransitions" in spec and spec["leaseTransitions"] < 0:
+        errors.append(FieldError("Invalid", "spec.leaseTransitions", "must be greater than or equal to 0",
+                                 spec["leaseTransitions"]))
+    return errors
+
+
+def normalize_lease(obj: dict) -> None:
+    """acquireTime and renewTime are metav1.MicroTime: re-encoded with microseconds."""
+    spec = obj.get("spec") or {}
+    for key in ("acquireTime", "renewTime"):
+        if t := parse_time(spec.get(key)):
+            spec[key] = t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def check_policy(obj: dict) -> list[FieldError]:
@@ -1425,7 +1479,7 @@ class TestApiServer:
             return self.rv
 
     def _events_after(self, pos: int) -> list[WatchEvent]:
-        i = bisect.bisect_right([e.rv for e in self.history], pos)
+        i = bisect.bisect_right(self.history, pos, key=lambda e: e.rv)  # history is in rv order
         return self.history[i:]
 
     # ----- admission: pruning, defaulting, validation
@@ -1702,12 +1756,13 @@ class TestApiServer:
         # A patch is conditional only on the resourceVersion it sets itself.
         return self._update(rt, ns, name, patched, params, subresource, conditional_only_if_set=True)
 
-    def _remove(self, rt: RType, ns: str | None, name: str, last: dict) -> None:
+    def _remove(self, rt: RType, ns: str | None, name: str, last: dict, orphan: bool = False) -> None:
         stored_old = self._store(rt).pop(self._key(rt, ns, name))
         self.rv += 1
         gone = copy.deepcopy(last)
         gone["metadata"]["resourceVersion"] = str(self.rv)
         self._record("DELETED", rt.store, gone, stored_old)
+        self._collect_garbage(last["metadata"].get("uid", ""), orphan)
         if rt.plural == "customresourcedefinitions":
             store = f"{last['spec']['group']}/{last['spec']['names']['plural']}"
             for key, obj in list(self.objects.get(store, {}).items()):
@@ -1718,8 +1773,53 @@ class TestApiServer:
                 self._record("DELETED", store, gone, obj)
             self._refresh_types()
 
+    def _rt_of_store(self, store: str) -> RType | None:
+        return next((rt for rt in self.types.values() if rt.store == store), None)
+
+    def _collect_garbage(self, owner_uid: str, orphan: bool) -> None:
+        """The garbage collector of kube-controller-manager, at once: the dependents of a removed owner (their
+        ownerReferences name its uid) are deleted (background propagation) when no other owner of theirs exists,
+        or, with propagationPolicy Orphan, lose their reference to it. It acts as itself, not as the user whose
+        request removed the owner: admission policies do not see it."""
+        if not owner_uid:
+            return
+        live: set[str] | None = None
+        saved, self._ctx.user = getattr(self._ctx, "user", None), None
+        try:
+            for store, objs in list(self.objects.items()):
+                for key, obj in list(objs.items()):
+                    refs = obj["metadata"].get("ownerReferences") or []
+                    rt = self._rt_of_store(store) if any(r.get("uid") == owner_uid for r in refs) else None
+                    if rt is None or key not in objs:
+                        continue
+                    if orphan:
+                        kept = copy.deepcopy(obj)
+                        others = [r for r in refs if r.get("uid") != owner_uid]
+                        if others:
+                            kept["metadata"]["ownerReferences"] = others
+                        else:
+                            kept["metadata"].pop("ownerReferences", None)
+                        self.rv += 1
+                        kept["metadata"]["resourceVersion"] = str(self.rv)
+                        objs[key] = kept
+                        self._record("MODIFIED", store, kept, obj)
+                        continue
+                    if live is None:
+                        live = {o["metadata"].get("uid") for s in self.objects.values() for o in s.values()}
+                    if any(r.get("uid") in live for r in refs if r.get("uid") != owner_uid):
+                        continue
+                    self._delete(rt, key[0] or None, key[1], {}, {})
+        finally:
+            self._ctx.user = saved
+
     def _delete(self, rt: RType, ns: str | None, name: str, options: dict, params: dict) -> tuple[int, dict]:
         stored = self._get(rt, ns, name)
+        policy = (options or {}).get("propagationPolicy") or params.get("propagationPolicy") or "Background"
+        if policy not in ("Background", "Orphan", "Foreground"):
+            raise invalid(rt, name, [FieldError("NotSupported", "propagationPolicy", 'supported values: '
+                                                '"Background", "Foreground", "Orphan"', policy)])
+        if policy == "Foreground":
+            raise bad_request("propagationPolicy Foreground is not supported by this test server")
         pre = (options or {}).get("preconditions") or {}
         if pre.get("uid") and pre["uid"] != stored["metadata"]["uid"]:
             raise conflict(rt, name, f"Precondition failed: UID in precondition: {pre['uid']}, UID in object "
@@ -1744,7 +1844,7 @@ class TestApiServer:
             self._record("MODIFIED", rt.store, marked, stored)
             return 200, self._out(rt, marked)
         if not dry:
-            self._remove(rt, ns, name, stored)
+            self._remove(rt, ns, name, stored, orphan=policy == "Orphan")
         if rt.plural == "namespaces":
             return 200, self._out(rt, stored)
         return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
@@ -1847,17 +1947,25 @@ class TestApiServer:
 
     def authorize(self, user: User, verb: str, group: str = "", resource: str = "", subresource: str = "",
                   name: str = "", namespace: str = "", path: str = "") -> tuple[bool, str]:
-        """RBAC over the stored ClusterRoles/ClusterRoleBindings. Returns (allowed, reason)."""
+        """RBAC over the stored ClusterRoles/ClusterRoleBindings and, for a request in a namespace, the
+        RoleBindings of that namespace (to a Role there or a ClusterRole). Returns (allowed, reason)."""
         if "system:masters" in user.groups:
             return True, ""
-        roles = self.objects.get("clusterroles", {})
-        for binding in self.objects.get("clusterrolebindings", {}).values():
+        cluster_roles, roles = self.objects.get("clusterroles", {}), self.objects.get("roles", {})
+        bindings = [("ClusterRoleBinding", b) for b in self.objects.get("clusterrolebindings", {}).values()]
+        if namespace and not path:
+            bindings += [("RoleBinding", b) for (ns, _), b in sorted(self.objects.get("rolebindings", {}).items())
+                         if ns == namespace]
+        for binding_kind, binding in bindings:
             subject = next((s for s in binding.get("subjects") or [] if
                             (s["kind"] == "User" and s["name"] == user.name) or
                             (s["kind"] == "Group" and s["name"] in user.groups) or
                             (s["kind"] == "ServiceAccount" and
-                             user.name == f"system:serviceaccount:{s.get('namespace', '')}:{s['name']}")), None)
-            role = roles.get(("", binding["roleRef"]["name"]))
+                             user.name == f"system:serviceaccount:{s.get('namespace') or namespace}:{s['name']}")),
+                           None)
+            ref = binding["roleRef"]
+            role = roles.get((namespace, ref["name"])) if ref.get("kind") == "Role" else \
+                cluster_roles.get(("", ref["name"]))
             if subject is None or role is None:
                 continue
             for rule in role.get("rules") or []:
@@ -1878,8 +1986,13 @@ class TestApiServer:
                     break
             else:
                 continue
-            return True, (f'RBAC: allowed by ClusterRoleBinding "{binding["metadata"]["name"]}" of ClusterRole '
-                          f'"{role["metadata"]["name"]}" to {subject["kind"]} "{subject["name"]}"')
+            # as rbac's authorizer words it: a namespaced binding is "name/namespace"
+            where = f"/{namespace}" if binding_kind == "RoleBinding" else ""
+            who = f"{subject['name']}/{subject.get('namespace') or namespace}" \
+                if subject["kind"] == "ServiceAccount" else subject["name"]
+            return True, (f'RBAC: allowed by {binding_kind} "{binding["metadata"]["name"]}{where}" of '
+                          f'{ref.get("kind", "ClusterRole")} "{role["metadata"]["name"]}" to {subject["kind"]} '
+                          f'"{who}"')
         return False, ""
 
     def _forbidden(self, user: User, verb: str, group: str, resource: str, subresource: str, name: str,
@@ -2668,6 +2781,7 @@ class TestApiServer:
 def openapi_name(rt: RType) -> str:
     builtin = {"": "io.k8s.api.core", "events.k8s.io": "io.k8s.api.events", "rbac.authorization.k8s.io":
                "io.k8s.api.rbac", "authorization.k8s.io": "io.k8s.api.authorization",
+               "coordination.k8s.io": "io.k8s.api.coordination",
                "authentication.k8s.io": "io.k8s.api.authentication",
                "apiextensions.k8s.io": "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions"}
     prefix = builtin.get(rt.group) or ".".join(reversed(rt.group.split(".")))

@@ -37,6 +37,7 @@ KUBECTL = "/usr/bin/kubectl"
 AGENT_CONFIG_DIR = "/etc/unbounded/agent"
 DAEMON = "unbounded-agent-daemon.service"
 AGENT_USER_AGENT = "unbounded-agent/"
+PHASES = ("Pending", "InProgress", "Complete", "Failed")
 AGENT_GROUP = "unbounded-agent-daemons"
 MANIFESTS = REPO / "packaging" / "kubernetes"
 # Short upgrade bounds (as upgrade_host.TEST_CONFIG) so a failing daemon is caught in seconds.
@@ -170,6 +171,14 @@ class KubeLink:
     def watch(self, name: str | None = None) -> KubectlWatch:
         return KubectlWatch(self, name)
 
+    def watching(self, since: int) -> bool:
+        """Whether kubectl opened a watch of MachineOperations after `since` watches (count_watches())."""
+        return self.count_watches() > since
+
+    def count_watches(self) -> int:
+        return len([r for r in self.server.find_requests(verb="watch", resource="machineoperations")
+                    if r.user_agent.startswith("kubectl")])
+
 
 
 class KubectlWatch:
@@ -199,18 +208,21 @@ class KubectlWatch:
 
     @property
     def header(self) -> list[str]:
-        return self.lines[0].split() if self.lines else []
+        """The column names (the first line, or the first after "No resources found" when nothing was listed)."""
+        return next((line.split() for line in self.lines if line.startswith("NAME ")), [])
 
     def rows(self, name: str) -> list[dict]:
         head = self.header
         out = []
-        for line in self.lines[1:]:
+        for line in self.lines:
             cells = line.split()
             if cells and cells[0] == name and len(cells) == len(head):
                 out.append(dict(zip(head, cells, strict=True)))
-            elif cells and cells[0] == name and len(cells) == len(head) - 1:  # PHASE empty: kubectl prints nothing
-                row = dict(zip([h for h in head if h != "PHASE"], cells, strict=True))
-                row["PHASE"] = "<none>"
+            elif cells and cells[0] == name and len(cells) == len(head) - 1:
+                # An empty cell prints nothing: MACHINE for a fan-out parent (then PHASE comes third), else PHASE.
+                empty = "MACHINE" if "MACHINE" in head and cells[2] in PHASES else "PHASE"
+                row = dict(zip([h for h in head if h != empty], cells, strict=True))
+                row[empty] = "<none>" if empty == "PHASE" else ""
                 out.append(row)
         return out
 

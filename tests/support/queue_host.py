@@ -87,16 +87,15 @@ def release(host, directory: str, point: str) -> None:
     host.path(f"{directory}/test-hold/{point}").unlink(missing_ok=True)
 
 
-AGENT_PATHS = (STATE, "/etc/unbounded/agent", "/usr/bin/unbounded-agent")
+AGENT_PATHS = (STATE, "/etc/unbounded/agent")
 AGENT_UNITS = ("unbounded-agent-daemon.service", "unbounded-agent-daemon-recovery.service",
                "unbounded-upgrade-probation.service")
 
 
 def agent_left(host) -> list[str]:
     """What of the agent a reset should have removed and is there (files, running or enabled units)."""
-    left = [p for p in AGENT_PATHS[:2] if host.run(["test", "-e", p], check=False).returncode == 0]
-    if host.run(["test", "-e", "/usr/bin/unbounded-agent"], check=False).returncode == 0:
-        left.append("/usr/bin/unbounded-agent resolves")  # the packaged link is dangling after a reset
+    left = [p for p in AGENT_PATHS if host.run(["test", "-e", p], check=False).returncode == 0]
+    # (/usr/bin/unbounded-agent stays, the package's: with the agent binary gone it runs the toolset's own CLI)
     for unit in AGENT_UNITS:
         st = unit_show(host, unit, "ActiveState,UnitFileState")
         if st["ActiveState"] not in ("inactive", "failed"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,7 @@ class FakeSystemd:
             self.snapshots = []
             self.daemon.update(active_state="active", sub_state="running", invocation=f"inv-started-{n}",
                                main_pid=1000 + n, job=0, n_restarts=0, result="success", exec_main_code=None,
-                               exec_main_status=0)
+                               exec_main_status=0, started_realtime=time.time())
 
     # -- units
 
@@ -229,6 +230,7 @@ def cfg(tmp_path, monkeypatch):
     monkeypatch.setenv(hostlock.ENV_LOCK, str(tmp_path / "install.lock"))
     monkeypatch.setenv(ENV_OPS_DIR, str(tmp_path / "ops"))
     monkeypatch.delenv(holdpoint.ENV_HOLD, raising=False)
+    monkeypatch.setenv(layout.ENV_PACKAGED_AGENT, str(tmp_path / "packaged"))  # what seed() installs
     return make_cfg(tmp_path)
 
 

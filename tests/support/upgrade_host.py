@@ -49,6 +49,7 @@ def wait_until(what: str, fn, timeout: float = SETTLE_SECONDS, poll: float = 0.2
 def prepare(host, deb, config: str = TEST_CONFIG) -> None:
     host.install_deb(deb)
     host.write(CONFIG, config)
+    host.run(["systemctl", "daemon-reload"])  # as README says: the units follow the config (the generator)
     host.start_https()
     wait_until("the daemon to be active", lambda: daemon(host)["ActiveState"] == "active")
 
@@ -196,3 +197,32 @@ def power_cycle(host) -> None:
     """A power loss (TestHost.power_cycle), then the release server again: it died with the host."""
     host.power_cycle(hard=True)
     host.start_https()
+
+
+def unit_seconds(host, unit: str, prop: str = "TimeoutStartUSec") -> float:
+    """A time span of a unit as systemctl shows it ("1min 15s", "500ms", "infinity"), in seconds."""
+    text = host.run(["systemctl", "show", "-p", prop, "--value", unit]).stdout.strip()
+    if text == "infinity":
+        return float("inf")
+    scale = {"h": 3600, "min": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    total = 0.0
+    for word in text.split():
+        m = re.fullmatch(r"([0-9.]+)(h|min|s|ms|us)", word)
+        assert m, f"{unit} {prop}={text!r}"
+        total += float(m[1]) * scale[m[2]]
+    return total
+
+
+def phase_time(rec: dict, phase: str) -> float:
+    """When the record (as JSON) last entered phase, in seconds since the epoch."""
+    return [h["t"] for h in rec["history"] if h["phase"] == phase][-1]
+
+
+def tree(host, *paths: str) -> list[str]:
+    """Every file, link and directory under paths (that exist), with its type and size: what a no-op must leave
+    as it was."""
+    existing = [p for p in paths if host.run(["test", "-e", p], check=False).returncode == 0]
+    if not existing:
+        return []
+    out = host.run(["find", *existing, "-xdev", "-printf", "%p %y %s %l\\n"]).stdout
+    return sorted(out.splitlines())

@@ -13,8 +13,9 @@ BIN = REPO / "bin"
 UNITS = REPO / "units"
 UNIT_TESTS = REPO / "tests" / "unit"
 MAX_LINES = 400
-# Programs that no unit runs: the toolset's own CLI, and the postinst's slot seeding.
-NOT_UNITS = {"unbounded-agent", "unbounded-agent-seed-slots"}
+# Programs that no unit runs: the toolset's own CLI, /usr/bin/unbounded-agent (the launcher), the postinst's
+# slot seeding, and the systemd generator (systemd runs it at daemon-reload).
+NOT_UNITS = {"unbounded-agent", "unbounded-agent-launcher", "unbounded-agent-seed-slots", "unbounded-agent-generator"}
 # The daemon runs the agent binary (upgraded by AgentUpgrade), not a program of the toolset.
 AGENT_UNITS = {"unbounded-agent-daemon.service"}
 
@@ -102,6 +103,18 @@ def test_the_layers_depend_one_way():
             assert {layer(d) for d in deps} <= core, f"{name} imports {sorted(deps)}"
 
 
+def test_the_fan_out_controller_uses_none_of_the_host_side_packages():
+    """It runs on a management host or in a pod: only the Kubernetes API, never the host's queue or operations."""
+    edges = graph()
+    reached, todo = set(), [m for m in edges if layer(m) == "fleet"]
+    while todo:
+        m = todo.pop()
+        if m not in reached:
+            reached.add(m)
+            todo += edges.get(m, ())
+    assert todo == [] and reached and not {layer(m) for m in reached} & {"upgrade", "reset", "queue", "cli"}
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
@@ -156,8 +169,16 @@ def test_each_unit_runs_the_program_of_its_own_name():
         assert (BIN / prog).is_file()
 
 
+def hook_programs() -> set[str]:
+    """The toolset programs a unit runs besides its ExecStart= (e.g. the daemon's ExecStopPost=)."""
+    found = set()
+    for unit in UNITS.glob("*.service"):
+        found |= {Path(m).name for m in re.findall(r"^Exec(?!Start=)\w+=[-+@:!]*(/usr/libexec/\S+)", unit.read_text(), re.M)}
+    return found
+
+
 def test_each_program_has_its_unit_and_its_module_its_test():
-    units = set(unit_programs().values())
+    units = set(unit_programs().values()) | hook_programs()
     for prog, (module, _) in programs().items():
         assert prog in units or prog in NOT_UNITS, f"bin/{prog} is run by no unit"
         parts = [p for p in module.split(".")[1:] if p != "steps"]

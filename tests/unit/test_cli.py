@@ -70,3 +70,38 @@ def test_status_shows_the_queue_and_the_last_results(host, capsys):
     spool.drop(spool.pending()[0][0])
     assert cli.main(["status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["journal"] == "journalctl UNBOUNDED_OPERATION=up-1"  # the last ended
+
+
+def test_status_shows_the_watch_after_a_commit_and_a_rollback_after_it(host, capsys):
+    """While a committed upgrade is in its failure-detection window, status counts its crashes; an upgrade
+    rolled back after its commit says so in its record and its result."""
+    import time
+
+    from unbounded_agent import config, records
+    from unbounded_agent.upgrade import crashes, record
+    from unbounded_agent.upgrade.record import Binary, PhaseEntry, Store, UpgradeRecord
+
+    store = Store(config.load())
+    store.dir.mkdir(parents=True)
+    t = time.time() - 60
+    rec = UpgradeRecord(id="upgrade-1", operation="up-1", phase=record.COMMITTED, reason="Succeeded", message="upgraded",
+                        from_=Binary(version="1.0.0", digest="a" * 64), to=Binary(version="2.0.0", digest="b" * 64),
+                        history=[PhaseEntry(record.COMMITTED, records.now(), t)])
+    store.write(rec)
+    records.save(crashes.DaemonExits([crashes.DaemonExit(at="", t=t + 15, digest="b" * 64)]), store.dir / crashes.EXITS_FILE)
+    assert cli.main(["status", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["after_commit_watch"]["crashes"] == 1 and st["after_commit_watch"]["rolls_back_at"] == crashes.CRASHES
+    assert cli.main(["status"]) == 0
+    assert "crash watch: 1 of 3 crashes before " in capsys.readouterr().out
+    # rolled back after its commit
+    rec.phase, rec.after_commit, rec.reason, rec.message = record.ROLLED_BACK, True, "DaemonFailedAfterCommit", "gone back"
+    store.write(rec)
+    Spool().finish(None, Result(id="upgrade-1", kind="upgrade", operation="up-1", source="cli", succeeded=True,
+                                reason="Succeeded", message="upgraded", finished_at="2026-12-01T00:00:00Z",
+                                after_commit={"reason": "DaemonFailedAfterCommit", "message": "gone back"}))
+    assert cli.main(["status"]) == 0
+    text = capsys.readouterr().out
+    assert "upgrade up-1 rolled-back after its commit (1.0.0 → 2.0.0): DaemonFailedAfterCommit: gone back" in text
+    assert "succeeded, then rolled back after its commit (DaemonFailedAfterCommit)" in text
+    assert "crash watch:" not in text

@@ -314,3 +314,21 @@ def test_the_queued_request_is_json_a_dispatcher_can_read(env):
     (path, req), = env.spool.queue()
     doc = json.loads(path.read_text())
     assert doc["id"] == req.id and doc["kind"] == "upgrade" and doc["url"] == URL
+
+
+def test_an_entry_unit_whose_name_the_journal_refuses_queues_nothing_and_says_why(env, monkeypatch):
+    """A unit name of 255 characters (the most systemd allows) is one the journal refuses as a stream's unit: the
+    unit refuses at once, through syslog, instead of queueing an upgrade and dying unheard."""
+    import syslog
+
+    from unbounded_agent.upgrade import units
+
+    said = []
+    monkeypatch.setattr(units, "own_unit", lambda: "unbounded-upgrade@" + "a" * 229 + ".service")
+    monkeypatch.setattr(syslog, "syslog", lambda priority, message: said.append((priority, message)))
+    assert cli_upgrade.unit_main([URL]) == Reason.INVALID_PARAMETERS.exit_code
+    assert env.spool.queue() == []
+    ((priority, message),) = said
+    assert priority == syslog.LOG_ERR and "255 characters long" in message and "unbounded-agent upgrade URL" in message
+    monkeypatch.setattr(units, "own_unit", lambda: "unbounded-upgrade@" + "a" * 228 + ".service")
+    assert cli_upgrade._unit_name_refused() == 0

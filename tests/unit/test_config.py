@@ -69,3 +69,46 @@ def test_tunables_are_typed_and_positive(tmp_path):
         with pytest.raises(OpsError) as e:
             config.load(write(tmp_path, text))
         assert words in e.value.message
+
+
+@pytest.mark.parametrize("key, low, high", [
+    ("readyTimeoutSeconds", 1, 1800), ("probationSeconds", 1, 3600), ("downloadDeadlineSeconds", 1, 86400),
+    ("preflightTimeoutSeconds", 1, 600)])
+def test_the_tunables_the_units_take_are_bounded_by_what_a_unit_can_honour(tmp_path, key, low, high):
+    attr = config._KEYS[key][0]
+    for ok in (low, high, (low + high) / 2):
+        assert getattr(config.load(write(tmp_path, f"{key}: {ok}\n")), attr) == ok
+    for bad in (low / 2, high + 1, "1.0e+300"):
+        with pytest.raises(OpsError) as e:
+            config.load(write(tmp_path, f"{key}: {bad}\n"))
+        assert e.value.reason is Reason.INVALID_CONFIG
+        assert f"{key} must be between {low:g} and {high:g} seconds" in e.value.message, e.value.message
+        assert "TimeoutStartSec=" in e.value.message  # names the unit setting it would go into
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_a_number_that_is_not_finite_is_refused(tmp_path, value):
+    with pytest.raises(OpsError) as e:
+        config.load(write(tmp_path, f"connectTimeoutSeconds: {value}\n"))
+    assert "finite number" in e.value.message
+
+
+@pytest.mark.parametrize("value, words", [
+    ("'/opt/agent bin'", "cannot go into a unit file"),
+    ("'/opt/%i'", "cannot go into a unit file"),
+    ("'/opt/a\"b'", "cannot go into a unit file"),
+    ("/", "cannot go into a unit file"),
+    ("/home/me/agent", "under /home"),
+    ("/root/agent", "under /root"),
+    ("/proc/agent", "under /proc"),
+])
+def test_a_path_the_units_cannot_take_is_refused(tmp_path, value, words):
+    for key in ("binDir", "stateDir"):
+        with pytest.raises(OpsError) as e:
+            config.load(write(tmp_path, f"{key}: {value}\n"))
+        assert e.value.reason is Reason.INVALID_CONFIG and words in e.value.message and key in e.value.message
+
+
+def test_paths_are_normalised(tmp_path):
+    cfg = config.load(write(tmp_path, "binDir: /opt/agent-bin/\nstateDir: /srv//agent/./state\n"))
+    assert (str(cfg.bin_dir), str(cfg.state_dir)) == ("/opt/agent-bin", "/srv/agent/state")

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import kube_admission
 import kube_apiserver
 import pytest
 import urllib3
@@ -33,7 +34,9 @@ CRD_PATH = MANIFESTS / "crd-machineoperations.yaml"
 RBAC_PATH = MANIFESTS / "rbac.yaml"
 UPGRADE_EXAMPLE = MANIFESTS / "examples" / "upgrade-agent-worker-01.yaml"
 RESET_EXAMPLE = MANIFESTS / "examples" / "reset-agent-worker-01.yaml"
+POOL_EXAMPLE = MANIFESTS / "examples" / "upgrade-agent-pool-blue.yaml"
 AGENT_GROUP = "unbounded-agent-daemons"
+REPO_BIN = MANIFESTS.parents[1] / "bin"
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
 _names = itertools.count(1)
@@ -176,7 +179,7 @@ def test_crd_names_version_and_columns():
     assert [c for c in columns if c[2] == 0] == [("Kind", ".spec.operationKind", 0), ("Machine", ".spec.machineRef", 0),
                                                  ("Phase", ".status.phase", 0),
                                                  ("Age", ".metadata.creationTimestamp", 0)]
-    assert [c[0] for c in columns if c[2] == 1] == ["Reason"]
+    assert [c[0] for c in columns if c[2] == 1] == ["Reason", "Rollout"]  # Rollout: a fan-out parent's counts
     assert version["selectableFields"] == [{"jsonPath": ".spec.machineRef"}]
 
 
@@ -200,9 +203,13 @@ def test_crd_schema_is_structural_and_validates_the_spec():
 def test_crd_status_has_the_fields_the_agent_writes():
     [crd] = load(CRD_PATH)
     status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
-    # The upstream status fields (so status written for the upstream CRD is kept here too) plus the reason mirror.
+    # The upstream status fields (so status written for the upstream CRD is kept here too) plus the reason mirror;
+    # targets: the fan-out controller's per-machine record (upstream's, with the wave added).
     assert set(status) == {"phase", "message", "reason", "startedAt", "completedAt", "observedMachineGeneration",
-                           "conditions"}
+                           "conditions", "targets"}
+    targets = status["targets"]
+    assert (targets["x-kubernetes-list-type"], targets["x-kubernetes-list-map-keys"]) == ("map", ["machineRef"])
+    assert set(targets["items"]["properties"]) == {"machineRef", "wave", "phase", "message"}
     assert status["startedAt"]["format"] == status["completedAt"]["format"] == "date-time"
     conditions = status["conditions"]
     assert (conditions["x-kubernetes-list-type"], conditions["x-kubernetes-list-map-keys"]) == ("map", ["type"])
@@ -248,12 +255,17 @@ def test_examples_are_valid_operations():
     assert upgrade["spec"]["ttlSecondsAfterFinished"] > 0
     assert (reset["metadata"]["name"], reset["spec"]) == ("reset-agent-worker-01",
                                                           {"machineRef": "worker-01", "operationKind": "AgentReset"})
+    pool, = load(POOL_EXAMPLE)
+    assert set(pool["spec"]) == {"machineSelector", "operationKind", "parameters", "ttlSecondsAfterFinished"}
+    assert set(pool["spec"]["parameters"]) == {"downloadURL", "sha256", "canaryCount", "maxInFlight", "failureBudget"}
+    assert all(isinstance(v, str) for v in pool["spec"]["parameters"].values())
     [crd] = load(CRD_PATH)
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    for example in (upgrade, reset):
+    for example in (upgrade, reset, pool):
         errors = []
         kube_apiserver.validate(schema["properties"]["spec"], example["spec"], "spec", errors)
         assert errors == []
+        assert kube_admission.crd_rule_failures(schema, example, None) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,7 +323,8 @@ def test_get_prints_the_columns_of_the_docs(kubectl, api):
                  "lastTransitionTime": "2025-01-01T00:00:00Z"}
     api.patch_cluster_custom_object_status(G, V, P, name, {"status": {"conditions": [condition]}})
     wide = kubectl("get", "mop", name, "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "KIND", "MACHINE", "PHASE", "AGE", "REASON"]
+    assert wide[0].split() == ["NAME", "KIND", "MACHINE", "PHASE", "AGE", "REASON", "ROLLOUT"]
+    # ROLLOUT is a fan-out parent's: empty for one machine's operation
     assert wide[1].split()[-1] == "ExecutionFailed" and wide[1].split()[3] == "Failed"
 
 
@@ -742,7 +755,7 @@ def test_tables_come_from_the_printer_columns(api_client, op):
             table = json.loads(response.data)
         assert table["kind"] == "Table"
         assert [(c["name"], c["priority"]) for c in table["columnDefinitions"]] == [
-            ("Name", 0), ("Kind", 0), ("Machine", 0), ("Phase", 0), ("Age", 0), ("Reason", 1)]
+            ("Name", 0), ("Kind", 0), ("Machine", 0), ("Phase", 0), ("Age", 0), ("Reason", 1), ("Rollout", 1)]
         row = next(r for r in table["rows"] if r["cells"][0] == op["metadata"]["name"])
         assert row["cells"][1:4] == ["AgentUpgrade", "worker-01", "Pending"]
         assert row["object"]["kind"] == "PartialObjectMetadata"
@@ -995,3 +1008,135 @@ def test_a_partition_cuts_off_only_the_clients_it_names(server, api, tmp_path):
     finally:
         server.partition(None)
     cut.list_cluster_custom_object(G, V, P)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leases, namespaced RBAC and the garbage collector (what the fan-out controller relies on)
+
+FLEET_RBAC_PATH = MANIFESTS / "fleet-controller-rbac.yaml"
+FLEET_DEPLOYMENT_PATH = MANIFESTS / "fleet-controller-deployment.yaml"
+FLEET_USER = "unbounded-agent-fleet-controller"
+
+
+def lease_body(name: str, holder: str, **spec) -> dict:
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, **spec}}
+
+
+def test_leases_are_served_with_their_holder_and_validated(kubectl, api_client):
+    coordination = client.CoordinationV1Api(api_client)
+    created = coordination.create_namespaced_lease("default", lease_body("elect", "a", renewTime="2025-01-01T00:00:00Z"))
+    assert created.spec.holder_identity == "a"
+    raw = api_client.call_api("/apis/coordination.k8s.io/v1/namespaces/default/leases/elect", "GET",
+                              _preload_content=False, _return_http_data_only=True).data
+    assert json.loads(raw)["spec"]["renewTime"] == "2025-01-01T00:00:00.000000Z"  # MicroTime
+    lines = kubectl("get", "lease", "elect", "-n", "default").stdout.splitlines()
+    assert lines[0].split() == ["NAME", "HOLDER", "AGE"] and lines[1].split()[:2] == ["elect", "a"]
+    stale = copy.deepcopy(created)
+    created.spec.holder_identity = "b"
+    coordination.replace_namespaced_lease("elect", "default", created)
+    stale.spec.holder_identity = "c"
+    with pytest.raises(client.ApiException) as e:  # a second candidate that read before: 409
+        coordination.replace_namespaced_lease("elect", "default", stale)
+    assert e.value.status == 409
+    with pytest.raises(client.ApiException) as e:
+        coordination.create_namespaced_lease("default", lease_body("bad", "a", leaseDurationSeconds=0))
+    assert e.value.status == 422 and "spec.leaseDurationSeconds" in error_body(e.value)["message"]
+
+
+def test_role_bindings_grant_in_their_namespace_only(tmp_path):
+    with start_apiserver(preload=[FLEET_RBAC_PATH]) as srv:
+        user = kube_apiserver.User(FLEET_USER, [])
+        sa = kube_apiserver.User("system:serviceaccount:unbounded-system:unbounded-agent-fleet-controller",
+                                 ["system:serviceaccounts"])
+        for who in (user, sa):
+            allowed, why = srv.authorize(who, "update", "coordination.k8s.io", "leases", "",
+                                         "unbounded-agent-fleet-controller", "unbounded-system")
+            assert allowed and why.startswith('RBAC: allowed by RoleBinding "unbounded-agent-fleet-controller/'
+                                              'unbounded-system" of Role "unbounded-agent-fleet-controller"')
+            assert not srv.authorize(who, "update", "coordination.k8s.io", "leases", "",
+                                     "unbounded-agent-fleet-controller", "kube-system")[0]
+        assert not srv.authorize(kube_apiserver.User("someone", []), "get", "coordination.k8s.io", "leases", "",
+                                 "unbounded-agent-fleet-controller", "unbounded-system")[0]
+
+
+def test_deleting_an_owner_deletes_its_dependents_or_orphans_them(api):
+    owner = api.create_cluster_custom_object(G, V, P, operation(unique("owner")))
+    ref = {"apiVersion": f"{G}/{V}", "kind": "MachineOperation", "name": owner["metadata"]["name"],
+           "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    names = [unique("dependent") for _ in range(3)]
+    for n in names:
+        body = operation(n)
+        body["metadata"]["ownerReferences"] = [ref]
+        api.create_cluster_custom_object(G, V, P, body)
+    held = operation(unique("held"))  # a dependent with a finalizer of its own waits for it
+    held["metadata"].update(ownerReferences=[ref], finalizers=["example.com/keep"])
+    held = api.create_cluster_custom_object(G, V, P, held)
+    api.delete_cluster_custom_object(G, V, P, owner["metadata"]["name"])  # background, as kubectl delete
+    left = {o["metadata"]["name"]: o for o in api.list_cluster_custom_object(G, V, P)["items"]}
+    assert not set(names) & set(left)
+    assert left[held["metadata"]["name"]]["metadata"]["deletionTimestamp"]
+    api.patch_cluster_custom_object(G, V, P, held["metadata"]["name"], {"metadata": {"finalizers": None}})
+    # Orphan: the dependents stay, without the reference
+    owner = api.create_cluster_custom_object(G, V, P, operation(unique("owner")))
+    body = operation(unique("orphan"))
+    body["metadata"]["ownerReferences"] = [dict(ref, name=owner["metadata"]["name"], uid=owner["metadata"]["uid"])]
+    orphan = api.create_cluster_custom_object(G, V, P, body)
+    api.delete_cluster_custom_object(G, V, P, owner["metadata"]["name"], propagation_policy="Orphan")
+    kept = api.get_cluster_custom_object(G, V, P, orphan["metadata"]["name"])
+    assert "ownerReferences" not in kept["metadata"]
+    with pytest.raises(client.ApiException) as e:
+        api.delete_cluster_custom_object(G, V, P, orphan["metadata"]["name"], propagation_policy="Foreground")
+    assert e.value.status == 400
+
+
+def test_the_fleet_controllers_rbac_applies_with_kubectl_and_allows_what_it_does(kubectl):
+    out = kubectl("apply", "-f", FLEET_RBAC_PATH).stdout.splitlines()
+    assert out == ["namespace/unbounded-system created",
+                   "clusterrole.rbac.authorization.k8s.io/unbounded-agent-fleet-controller created",
+                   "clusterrolebinding.rbac.authorization.k8s.io/unbounded-agent-fleet-controller created",
+                   "role.rbac.authorization.k8s.io/unbounded-agent-fleet-controller created",
+                   "rolebinding.rbac.authorization.k8s.io/unbounded-agent-fleet-controller created"]
+    can = lambda *a: kubectl("auth", "can-i", *a, f"--as={FLEET_USER}", check=False).stdout.strip()  # noqa: E731
+    assert [can("create", "machineoperations"), can("watch", "machines"), can("update", "machineoperations",
+                                                                               "--subresource=status"),
+            can("update", "leases/unbounded-agent-fleet-controller", "-n", "unbounded-system"),
+            can("update", "leases/another", "-n", "unbounded-system"), can("patch", "machines"),
+            can("update", "machineoperations")] == ["yes", "yes", "yes", "yes", "no", "no", "no"]
+
+
+def test_the_fleet_deployment_runs_the_program_under_the_bound_service_account():
+    [sa, deployment] = load(FLEET_DEPLOYMENT_PATH)
+    rbac = load(FLEET_RBAC_PATH)
+    bound = {(s["kind"], s.get("namespace"), s["name"]) for doc in rbac if doc["kind"].endswith("Binding")
+             for s in doc["subjects"]}
+    assert ("ServiceAccount", sa["metadata"]["namespace"], sa["metadata"]["name"]) in bound
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert deployment["spec"]["replicas"] >= 2  # a standby: the point of the Lease
+    [container] = pod["containers"]
+    program = Path(container["command"][0])
+    assert program.parent == Path("/usr/libexec/unbounded-agent") and (REPO_BIN / program.name).is_file()
+    assert {e["name"] for e in container["env"]} == {"POD_NAMESPACE", "POD_NAME"}
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"][
+        "labels"].items()
+
+
+def test_the_crd_rules_keep_the_rollouts_parameters_to_operations_with_a_selector(kubectl, tmp_path):
+    def apply(spec):
+        path = tmp_path / "op.yaml"
+        path.write_text(yaml.safe_dump({"apiVersion": f"{G}/{V}", "kind": "MachineOperation",
+                                        "metadata": {"name": unique("rule")}, "spec": spec}))
+        return kubectl("apply", "-f", path, check=False)
+
+    url = {"downloadURL": "https://example.com/a.tar.gz"}
+    sel = {"matchLabels": {"pool": "blue"}}
+    r = apply({"machineRef": "w", "operationKind": "AgentUpgrade", "parameters": {**url, "maxInFlight": "2"}})
+    assert r.returncode == 1 and "set the rollout of an operation with machineSelector" in r.stderr
+    r = apply({"machineSelector": sel, "operationKind": "AgentUpgrade", "parameters": {**url, "canaryCount": "x"}})
+    assert r.returncode == 1 and "must be whole numbers from 0 to 99999" in r.stderr
+    r = apply({"machineSelector": sel, "operationKind": "AgentUpgrade", "parameters": {**url, "maxInFlight": "0"}})
+    assert r.returncode == 1 and "maxInFlight must be at least 1" in r.stderr
+    r = apply({"machineSelector": sel, "operationKind": "AgentUpgrade",
+               "parameters": {**url, "canaryCount": "0", "maxInFlight": "50", "failureBudget": "2"}})
+    assert r.returncode == 0, r.stderr

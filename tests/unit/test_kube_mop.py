@@ -175,3 +175,21 @@ def test_event_messages_are_capped_and_warnings_typed():
     ev = mop.event(op(), "DaemonFailed", "y" * 2000, warning=True, host="m", suffix="2")
     assert len(ev["message"]) == 1024 and ev["type"] == "Warning" and ev["count"] == 1
     assert ev["firstTimestamp"] == ev["lastTimestamp"] and ev["reportingInstance"] == "m"
+
+
+def test_a_condition_beside_completed_is_written_and_kept_in_place():
+    want = mop.desired(mop.COMPLETE, "Succeeded", "upgraded", completed_at="2026-01-01T00:00:00Z")
+    op = {"metadata": {"name": "up", "generation": 2},
+          "status": mop.apply_status({"metadata": {"generation": 2}}, want, at="2026-01-01T00:00:00Z")}
+    assert mop.status_matches(op, want)
+    late = dict(want, conditions=[{"type": "RolledBack", "status": "True", "reason": "DaemonFailedAfterCommit",
+                                   "message": "rolled back to 1.0.0"}])
+    assert not mop.status_matches(op, late)  # the condition is still to be written
+    st = mop.apply_status(op, late, at="2026-01-01T00:10:00Z")
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Completed"]["lastTransitionTime"] == "2026-01-01T00:00:00Z" and conds["Completed"]["status"] == "True"
+    assert (conds["RolledBack"]["reason"], conds["RolledBack"]["lastTransitionTime"]) == ("DaemonFailedAfterCommit",
+                                                                                        "2026-01-01T00:10:00Z")
+    assert st["phase"] == "Complete" and mop.status_matches(dict(op, status=st), late)
+    again = mop.apply_status(dict(op, status=st), late, at="2026-01-01T00:20:00Z")
+    assert {c["type"]: c for c in again["conditions"]}["RolledBack"]["lastTransitionTime"] == "2026-01-01T00:10:00Z"

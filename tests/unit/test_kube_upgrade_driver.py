@@ -328,3 +328,53 @@ def test_the_parameters_run_and_the_generation_published_are_of_one_version(h):
     assert op["metadata"]["generation"] == 2 and req.url == URL
     assert h.condition("up")["observedGeneration"] == 1
     assert any(r.code == 409 for r in h.agent_requests(verb="update"))
+
+
+def signal_after_commit(h, req, at="2026-01-01T00:10:00.000Z"):
+    """What recovery writes when it rolled req's committed upgrade back (upgrade/recovery.py)."""
+    from unbounded_agent.upgrade.record import Binary, Failure, RollbackSignal
+
+    Store(h.cfg).write_signal(RollbackSignal(
+        operation=req.operation, request_id=req.id, after_commit=True, reason="DaemonFailedAfterCommit", at=at,
+        failed=Binary(version="2.0.0"), restored=Binary(version="1.0.0"), failure=Failure(exit_code=1),
+        failure_message="AgentUpgrade daemon kept failing after its commit (the committed daemon crashed 3 times "
+                        "within 600 s of its commit (exit code 1)); rolled back to 1.0.0"))
+
+
+def test_a_rollback_after_the_commit_adds_a_condition_and_a_warning_to_the_complete_operation(h):
+    h.start()
+    h.create("up", "AgentUpgrade", downloadURL=URL)
+    req = h.dispatcher.wait_request(h.operation("up"))
+    h.dispatcher.succeed(req, "upgraded from 1.0.0 to 2.0.0")
+    h.wait_phase("up", "Complete")
+    h.restart()  # the restored daemon
+    signal_after_commit(h, req)
+
+    def rolled_back():
+        conds = {c["type"]: c for c in h.get("up")["status"]["conditions"]}
+        return conds.get("RolledBack")
+
+    cond = wait_for("the RolledBack condition", rolled_back)
+    assert (cond["status"], cond["reason"]) == ("True", "DaemonFailedAfterCommit")
+    assert "rolled back to 1.0.0" in cond["message"] and "crashed 3 times" in cond["message"]
+    op = h.get("up")
+    assert op["status"]["phase"] == "Complete" and h.condition("up")["reason"] == "Succeeded"  # it did complete
+    warning = wait_for("the Warning Event", lambda: [e for e in h.events("up") if e["reason"] == "DaemonFailedAfterCommit"])
+    assert warning[0]["type"] == "Warning" and "rolled back to 1.0.0" in warning[0]["message"]
+    # once: another pass, or another restart, reports nothing more
+    h.restart()
+    h.settle()
+    assert len([e for e in h.events("up") if e["reason"] == "DaemonFailedAfterCommit"]) == 1
+
+
+def test_a_rollback_signal_of_a_failed_probation_adds_nothing(h):
+    h.start()
+    h.create("up", "AgentUpgrade", downloadURL=URL)
+    req = h.dispatcher.wait_request(h.operation("up"))
+    h.dispatcher.fail(req, Reason.DAEMON_FAILED, "version 2.0.0 failed on probation")
+    h.wait_phase("up", "Failed")
+    from unbounded_agent.upgrade.record import RollbackSignal
+
+    Store(h.cfg).write_signal(RollbackSignal(operation=req.operation, request_id=req.id, after_commit=False))
+    h.settle()
+    assert [c["type"] for c in h.get("up")["status"]["conditions"]] == ["Completed"]

@@ -22,6 +22,8 @@ def spool(tmp_path, monkeypatch):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"stateDir: {tmp_path / 'state'}\nbinDir: {tmp_path / 'bin'}\n")
     monkeypatch.setenv("UNBOUNDED_AGENT_CONFIG", str(cfg))
+    # the dispatcher asks systemd about the daemon at its start (queue/recover.py): not this machine's systemd
+    monkeypatch.setattr(dispatch.recover, "check_daemon", lambda cfg, spool=None: None)
     return Spool(tmp_path / "ops").ensure()
 
 
@@ -221,3 +223,46 @@ def test_a_systemd_that_cannot_be_asked_keeps_the_gate_waiting(monkeypatch):
         raise systemd.SystemdError("cannot query: timeout")
     monkeypatch.setattr(systemd, "unit_state", broken)
     assert dispatch._daemon_can_report() is True
+
+
+def test_a_recover_request_runs_under_the_id_of_the_upgrade_it_reopens(spool, ops, monkeypatch):
+    """It re-opens a committed upgrade: its recovery unit checks the host is held for that upgrade's record. Its
+    own result says what happened, and the upgrade's result gets the rollback after its commit."""
+    spool.submit(Request(id="upgrade-1", kind="upgrade", url="https://h/a.tgz"))
+    dispatch.run(spool)
+    assert spool.result("upgrade-1").succeeded
+    held = []
+
+    def recover(cfg, request_id, target, detail):
+        held.append((hostlock.holder().operation, hostlock.holder().kind, request_id, target, detail))
+        rec = UpgradeRecord(id=target, operation="op-1", from_=Binary(version="1.0.0"), to=Binary(version="2.0.0"),
+                            phase="rolled-back", reason="DaemonFailedAfterCommit", restored_daemon="active",
+                            after_commit=True, message="version 2.0.0 failed after its commit: ...")
+        rec.finished_at = "2026-01-01T00:00:00.000Z"
+        return rec, ""
+
+    monkeypatch.setattr(upgrade_api, "recover", recover)
+    spool.submit(Request(id="recover-1", kind="recover", source="daemon", target="upgrade-1", detail="crashed 3 times"))
+    dispatch.run(spool)
+    assert held == [("upgrade-1", "recover", "recover-1", "upgrade-1", "crashed 3 times")]
+    res = spool.result("recover-1")
+    assert (res.succeeded, res.reason, res.from_version, res.to_version) == (True, "DaemonFailedAfterCommit", "2.0.0",
+                                                                             "1.0.0")
+    late = spool.result("upgrade-1").after_commit
+    assert late["reason"] == "DaemonFailedAfterCommit" and late["request"] == "recover-1" and "after its commit" in late["message"]
+    assert "then rolled back after its commit" in spool.result("upgrade-1").describe()
+
+
+def test_a_recover_request_with_nothing_to_recover_says_so(spool, ops, monkeypatch):
+    monkeypatch.setattr(upgrade_api, "recover", lambda cfg, rid, target, detail: (None, "nothing to recover: x"))
+    spool.submit(Request(id="recover-1", kind="recover", source="daemon", target="upgrade-1"))
+    dispatch.run(spool)
+    res = spool.result("recover-1")
+    assert res.succeeded and res.message == "nothing to recover: x"
+
+
+def test_at_its_start_the_dispatcher_asks_whether_a_recover_request_is_due(spool, ops, monkeypatch):
+    asked = []
+    monkeypatch.setattr(dispatch.recover, "check_daemon", lambda cfg, spool=None: asked.append(cfg.state_dir))
+    dispatch.run(spool)
+    assert len(asked) == 1

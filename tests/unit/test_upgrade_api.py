@@ -10,11 +10,25 @@ import types
 
 import pytest
 import upgrade_fakes
-from upgrade_fakes import ID, SECRET, SECRET_URL, URL, agent_body, links, make_cfg, read, run_chain, seed, sha, state_files
+from upgrade_fakes import (
+    ID,
+    SECRET,
+    SECRET_URL,
+    URL,
+    agent_body,
+    links,
+    make_cfg,
+    read,
+    run_chain,
+    seed,
+    sha,
+    state_files,
+    upgrade_to,
+)
 
-from unbounded_agent import layout, systemd
+from unbounded_agent import fsutil, layout, systemd
 from unbounded_agent.reasons import OpsError, Reason
-from unbounded_agent.upgrade import api, preflight, probation, record, recovery, stage, switch, units
+from unbounded_agent.upgrade import api, crashes, preflight, probation, record, recovery, stage, switch, units
 from unbounded_agent.upgrade.record import QuarantineEntry, Store
 
 # the fixtures of upgrade_fakes this module uses, under the names pytest finds them by
@@ -356,3 +370,93 @@ def test_orphan_is_a_record_still_in_flight(cfg, tmp_path, release, host_lock, f
     run_chain(cfg)
     probation.run(cfg)
     assert api.orphan(cfg) is None
+
+
+def test_follow_gives_up_on_a_record_nothing_can_bring_to_an_end(cfg, switched, fake_systemd, clock):
+    """Deciding is retried with a growing pause, a bounded number of times; then the operation ends (the host is
+    released by the dispatcher) instead of holding it for ever, naming the record it leaves."""
+    fake_systemd.fail_start.add(units.PROBATION_UNIT)
+    started = clock[0]
+    with pytest.raises(OpsError) as e:
+        api.follow(Store(cfg), ID)
+    assert e.value.reason is Reason.EXECUTION_FAILED
+    assert f"still not ended after deciding it {api.MAX_DECISIONS} times" in e.value.message
+    assert "in phase probation" in e.value.message and "not found" in e.value.message
+    assert clock[0] - started >= api.DECIDE_BACKOFF_MAX  # the pauses grew (on the fake clock)
+    assert read(cfg).phase == record.PROBATION
+
+
+# -- recover: a committed upgrade whose daemon keeps failing ----------------------------------------------------
+
+
+def committed_with_crashes(cfg, tmp_path, release, host_lock, fake_systemd, n=crashes.CRASHES):
+    """v2 committed over v1; then n crashes of v2 kept by the daemon's ExecStopPost=."""
+    lay = seed(cfg, tmp_path)
+    release()
+    rec = upgrade_to(cfg, host_lock, fake_systemd, ID)
+    store = Store(cfg)
+    t = rec.phase_time(record.COMMITTED)
+    env = {"SERVICE_RESULT": "exit-code", "EXIT_CODE": "exited", "EXIT_STATUS": "1"}
+    for i in range(n):
+        crashes.record_exit(store, dict(env, INVOCATION_ID=f"crash{i}"), t + 15 + 20 * i)
+    fake_systemd.journal(unit_lines=["ready, will crash", "fatal: crashed after ready (simulated)"])
+    fake_systemd.calls.clear()
+    host_lock.hold(ID, "recover")  # as the dispatcher holds it for a recover request
+    return lay
+
+
+def test_recover_rolls_a_committed_upgrade_back_after_its_commit(cfg, tmp_path, release, host_lock, fake_systemd,
+                                                                 clock):
+    lay = committed_with_crashes(cfg, tmp_path, release, host_lock, fake_systemd)
+    fake_systemd.run_units(cfg)
+    rec, note = api.recover(cfg, "recover-1", ID, "the committed daemon crashed 3 times within 600 s of its commit")
+    assert note == "" and rec.phase == record.ROLLED_BACK and rec.after_commit and rec.reopened_by == "recover-1"
+    assert rec.reason == "DaemonFailedAfterCommit" and "failed after its commit" in rec.message
+    assert rec.failure.exit_code == 1 and "crashed 3 times" in rec.failure.detail
+    assert "fatal: crashed after ready (simulated)" in rec.failure.journal
+    assert [h.phase for h in rec.history][-3:] == ["committed", "recovering", "rolled-back"]
+    assert lay.link_target(layout.CURRENT) == layout.BLUE == lay.link_target(layout.LAST_GOOD)
+    assert Store(cfg).quarantined(sha(agent_body("2.0.0"))) is not None
+    assert fake_systemd.calls[:1] == [("start", units.RECOVERY_UNIT)]
+
+
+@pytest.mark.parametrize("change, words", [
+    ("moved on", "nothing to recover: "),
+    ("other binary", "no longer selects the binary"),
+    ("no last-good", "nothing to roll back to"),
+])
+def test_recover_with_nothing_to_recover_changes_nothing(cfg, tmp_path, release, host_lock, fake_systemd, clock,
+                                                         change, words):
+    lay = committed_with_crashes(cfg, tmp_path, release, host_lock, fake_systemd)
+    target = ID
+    if change == "moved on":
+        target = "upgrade-older"
+    elif change == "other binary":
+        fsutil.atomic_symlink(layout.BLUE, lay.path(layout.CURRENT))
+    else:
+        fsutil.atomic_symlink(layout.GREEN, lay.path(layout.LAST_GOOD))
+    before = state_files(cfg), links(lay)
+    rec, note = api.recover(cfg, "recover-1", target, "x")
+    assert rec is None and words in note
+    assert (state_files(cfg), links(lay)) == before and fake_systemd.calls == []
+
+
+def test_recover_goes_on_with_the_record_it_reopened_before_a_restart(cfg, tmp_path, release, host_lock,
+                                                                     fake_systemd, clock):
+    committed_with_crashes(cfg, tmp_path, release, host_lock, fake_systemd)
+    store = Store(cfg)
+    store.advance(read(cfg), record.RECOVERING, after_commit=True, reopened_by="recover-1")
+    fake_systemd.run_units(cfg)
+    rec, _ = api.recover(cfg, "recover-1", ID, "x")
+    assert rec.phase == record.ROLLED_BACK and rec.after_commit
+
+
+def test_follow_ends_sooner_while_the_state_dir_refuses_writes(cfg, switched, fake_systemd, clock, monkeypatch):
+    """Each decision is still made (recovery rolls back from the links without writing), but after a few made
+    while the state dir refuses writes the operation ends with StateUnwritable."""
+    fake_systemd.fail_start.add(units.PROBATION_UNIT)
+    monkeypatch.setattr(api, "_unwritable", lambda directory: "No space left on device")
+    with pytest.raises(OpsError) as e:
+        api.follow(Store(cfg), ID)
+    assert e.value.reason is Reason.STATE_UNWRITABLE and "No space left on device" in e.value.message
+    assert f"after deciding it {api.MAX_REFUSALS} times" in e.value.message

@@ -2,14 +2,18 @@
 the real exit detail and the failed run's journal), how often it may be interrupted, and that it decides
 nothing unless the host lock is held for the operation on probation."""
 
+import errno
+import os
+from pathlib import Path
+
 import pytest
 import upgrade_fakes
 from upgrade_fakes import ID, SECRET, SECRET_URL, agent_body, begin, links, read, run_chain, seed, sha, state_files, upgrade_to
 
-from unbounded_agent import layout, systemd
+from unbounded_agent import layout, records, systemd
 from unbounded_agent.reasons import OpsError, Reason
 from unbounded_agent.upgrade import probation, record, units
-from unbounded_agent.upgrade.record import QuarantineEntry, Store
+from unbounded_agent.upgrade.record import Failure, QuarantineEntry, Store
 
 # the fixtures of upgrade_fakes this module uses, under the names pytest finds them by
 cfg = upgrade_fakes.cfg
@@ -18,7 +22,7 @@ host_lock = upgrade_fakes.host_lock
 release = upgrade_fakes.release
 switched = upgrade_fakes.switched
 
-BASE = {"sub_state": "running", "job": 0, "main_pid": 7, "n_restarts": 0, "result": None, "exec_main_code": None,
+BASE = {"sub_state": "running", "job": 0, "main_pid": 7, "n_restarts": 0, "result": "success", "exec_main_code": None,
         "exec_main_status": 0}
 
 
@@ -27,16 +31,24 @@ def crashed(status=3, **kw):
             "exec_main_code": "exited", "exec_main_status": status, **kw}
 
 
-def watch(cfg, snaps, expected_version=None):
-    """probation.watch over a script of snapshots (the last repeats) and a clock that moves only by sleeps."""
-    seq = [dict(BASE, **s) for s in snaps]
-    t = [0.0]
+def watch(cfg, snaps, clock_start=0.0, expected_version=None):
+    """probation.watch over a script of snapshots (the last repeats; an exception in it is raised, as a D-Bus
+    error would be) and a clock that moves only by sleeps."""
+    seq = [s if isinstance(s, Exception) else dict(BASE, **s) for s in snaps]
+    t = [clock_start]
 
     def snapshot():
-        return seq.pop(0) if len(seq) > 1 else seq[0]
+        item = seq.pop(0) if len(seq) > 1 else seq[0]
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     return probation.watch(cfg, "old", snapshot=snapshot, clock=lambda: t[0], sleep=lambda s: t.__setitem__(0, t[0] + s),
                            expected_version=expected_version)
+
+
+READY = {"invocation": "new", "active_state": "active"}
+HICCUP = systemd.SystemdError("cannot query unbounded-agent-daemon.service over D-Bus: Connection reset by peer")
 
 
 # -- watch --------------------------------------------------------------------------------------------------
@@ -49,10 +61,27 @@ def test_watch_passes_a_daemon_that_gets_ready_and_stays(cfg):
 
 
 def test_watch_does_not_take_the_old_invocation_for_the_new_daemon(cfg):
-    """The old daemon still active (the restart not yet begun) is not readiness: without a new invocation
-    the ready timeout passes."""
-    verdict = watch(cfg, [{"invocation": "old", "active_state": "active"}])
-    assert verdict is not None and "did not report ready within 2 s" in verdict[0].detail
+    """The old daemon still active (the restart never begun) is not readiness; past the longest a stop can
+    take, the watch ends without blaming the release."""
+    failure, _ = watch(cfg, [{"invocation": "old", "active_state": "active"}])
+    assert "the previous run was still active/running" in failure.detail and not failure.blames_release
+
+
+def test_the_old_daemons_slow_stop_is_not_the_new_releases_time(cfg):
+    """An old daemon that ignores SIGTERM stops only when killed (TimeoutStopSec=): ten times the ready timeout
+    passes meanwhile, and the new release that then reports ready at once passes."""
+    stopping = {"invocation": "old", "active_state": "deactivating", "sub_state": "stop-sigterm", "job": 3}
+    n = int(10 * cfg.ready_timeout_seconds / probation.POLL_SECONDS)
+    assert watch(cfg, [stopping] * n + [{"invocation": "new", "active_state": "activating", "sub_state": "start",
+                                         "job": 3, "started_monotonic": n * probation.POLL_SECONDS}, READY]) is None
+
+
+def test_the_ready_deadline_counts_from_the_new_runs_own_start(cfg):
+    """Seen late (polling, a slow bus), a run that started long ago has had its ready time already."""
+    late = {"invocation": "new", "active_state": "activating", "sub_state": "start", "job": 3, "started_monotonic": 100.0}
+    failure, _ = watch(cfg, [late], clock_start=100.0 + cfg.ready_timeout_seconds + 1)
+    assert f"did not report ready within {cfg.ready_timeout_seconds:g} s of its start" in failure.detail
+    assert failure.blames_release
 
 
 @pytest.mark.parametrize("snaps,expect", [
@@ -77,11 +106,47 @@ def test_watch_reports_a_daemon_that_stops_during_the_window(cfg):
     assert failure.text() == f"{failure.detail} (exit code 3)"
 
 
-@pytest.mark.parametrize("change", [{"main_pid": 8}, {"n_restarts": 1}, {"invocation": "newer"}])
+@pytest.mark.parametrize("change", [{"main_pid": 8}, {"n_restarts": 1}, {"invocation": "newer", "n_restarts": 1}])
 def test_watch_reports_a_daemon_restarted_behind_its_back(cfg, change):
-    ready = {"invocation": "new", "active_state": "active"}
-    failure, _ = watch(cfg, [ready, dict(ready, **change)])
+    failure, _ = watch(cfg, [READY, dict(READY, **change)])
+    assert "stopped during probation" in failure.detail and failure.blames_release
+
+
+def test_a_restart_from_outside_is_watched_again_not_held_against_the_release(cfg):
+    """systemctl restart during probation: a restart job, the stop, then a run whose NRestarts did not grow
+    (it counts only automatic restarts). The next run is watched again, and passes."""
+    stopping = dict(READY, active_state="deactivating", sub_state="stop-sigterm", job=5)
+    newer = {"invocation": "newer", "main_pid": 9}
+    assert watch(cfg, [READY, dict(READY, job=5), stopping, dict(newer, active_state="activating", sub_state="start",
+                                                                  job=5), dict(newer, active_state="active")]) is None
+
+
+def test_a_stop_from_outside_that_is_never_undone_does_not_blame_the_release(cfg):
+    stopped = dict(READY, active_state="inactive", sub_state="dead", result="success", main_pid=0)
+    failure, _ = watch(cfg, [READY, dict(READY, active_state="deactivating", sub_state="stop-sigterm", job=5), stopped])
+    assert "was not started" in failure.detail and not failure.blames_release
+
+
+def test_a_daemon_restarted_from_outside_again_and_again_ends_the_watch(cfg):
+    runs = [{"invocation": f"run{i}", "active_state": "active", "main_pid": 10 + i} for i in range(12)]
+    failure, _ = watch(cfg, runs)
+    assert f"restarted from outside {units.MAX_REWATCH + 1} times" in failure.detail and not failure.blames_release
+
+
+def test_a_moment_when_systemd_cannot_be_asked_is_waited_out(cfg):
+    assert watch(cfg, [READY, HICCUP, HICCUP, HICCUP, READY]) is None
+    assert watch(cfg, [HICCUP, HICCUP, {"invocation": "new", "active_state": "activating", "sub_state": "start",
+                                        "job": 3}, HICCUP, READY]) is None
+
+
+def test_a_crash_while_systemd_could_not_be_asked_still_shows(cfg):
+    failure, _ = watch(cfg, [READY, HICCUP, HICCUP, dict(READY, invocation="newer", n_restarts=1, main_pid=9)])
     assert "stopped during probation" in failure.detail
+
+
+def test_systemd_unreachable_for_longer_than_the_grace_is_no_verdict(cfg):
+    with pytest.raises(systemd.SystemdError):
+        watch(cfg, [READY, HICCUP])
 
 
 def test_watch_reports_a_daemon_that_never_gets_ready(cfg):
@@ -182,13 +247,19 @@ def test_probation_gives_up_after_repeated_interruptions(cfg, switched, fake_sys
     assert fake_systemd.calls == [("start", units.RECOVERY_UNIT)]
 
 
-def test_a_daemon_that_cannot_be_watched_is_not_committed(cfg, switched, fake_systemd, monkeypatch):
+def test_a_daemon_that_cannot_be_watched_gets_no_verdict(cfg, switched, fake_systemd, monkeypatch):
+    """systemd unreachable past the grace: neither commit nor rollback; the record stays on probation and the
+    dispatcher runs probation again (its attempts are counted)."""
     def unreachable(name):
         raise systemd.SystemdError("cannot query unbounded-agent-daemon.service over D-Bus: Connection refused")
 
     monkeypatch.setattr(systemd, "service_snapshot", unreachable)
-    rec = probation.run(cfg)
-    assert rec.phase == record.RECOVERING and "cannot watch the daemon" in rec.failure.detail
+    monkeypatch.setattr(probation, "DBUS_GRACE_SECONDS", 0.3)
+    with pytest.raises(OpsError) as e:
+        probation.run(cfg)
+    assert "cannot watch the daemon" in e.value.message and "probation runs again" in e.value.message
+    rec = read(cfg)
+    assert rec.phase == record.PROBATION and rec.probation.attempts == 1 and fake_systemd.calls == []
 
 
 def test_a_verdict_on_a_record_that_left_probation_is_dropped(cfg, switched, fake_systemd, monkeypatch):
@@ -266,3 +337,64 @@ def test_probation_refuses_and_changes_nothing_without_the_lock_for_its_operatio
     assert e.value.reason == Reason.HOST_LOCKED
     assert (state_files(cfg), links(lay)) == before and read(cfg).probation.attempts == 0
     assert fake_systemd.calls == []
+
+
+# -- a state dir that refuses writes ---------------------------------------------------------------------------
+
+
+def refuse_writes(monkeypatch, cfg, *names, err=errno.ENOSPC, times=None):
+    """records.save of the named files under the state dir fails as a full (or read-only) file system does
+    (the first ``times`` times, or always); returns the list of refused attempts."""
+    real, refused = records.save, []
+
+    def save(obj, path, mode=0o644):
+        if Path(path).parent == Path(cfg.state_dir) and Path(path).name in names and (times is None or len(refused) < times):
+            refused.append(Path(path).name)
+            raise OSError(err, os.strerror(err))
+        return real(obj, path, mode)
+
+    monkeypatch.setattr(records, "save", save)
+    monkeypatch.setattr(records, "STATE_RETRY_SECONDS", 0.6)
+    return refused
+
+
+def test_a_verdict_that_cannot_be_written_is_retried_then_fails_clearly(cfg, switched, fake_systemd, monkeypatch):
+    """A full disk at the commit: retried with backoff for a bounded time, then StateUnwritable; the record stays
+    on probation (the dispatcher decides it again) and nothing is rolled back."""
+    refused = refuse_writes(monkeypatch, cfg, record.RECORD_FILE)
+    with pytest.raises(OpsError) as e:
+        probation.decide(Store(cfg), ID, None)
+    assert e.value.reason is Reason.STATE_UNWRITABLE and "No space left on device" in e.value.message
+    assert len(refused) >= 2 and read(cfg).phase == record.PROBATION and fake_systemd.calls == []
+
+
+def test_a_verdict_written_once_the_disk_has_room_again_commits(cfg, switched, fake_systemd, monkeypatch):
+    refused = refuse_writes(monkeypatch, cfg, record.RECORD_FILE, times=1)  # space is freed after the first try
+    rec = probation.decide(Store(cfg), ID, None)
+    assert refused and rec.committed and read(cfg).committed
+
+
+def test_a_failure_that_cannot_be_recorded_still_starts_recovery(cfg, switched, fake_systemd, monkeypatch):
+    refuse_writes(monkeypatch, cfg, record.RECORD_FILE)
+    probation.decide(Store(cfg), ID, (Failure(detail="crashed"), "inv"))
+    assert read(cfg).phase == record.PROBATION  # not written...
+    assert fake_systemd.calls == [("start", units.RECOVERY_UNIT)]  # ...and recovery rolls back from the links
+
+
+def test_an_attempt_that_cannot_be_counted_is_watched_anyway(cfg, switched, fake_systemd, monkeypatch):
+    refused = refuse_writes(monkeypatch, cfg, record.RECORD_FILE)
+    monkeypatch.setattr(probation, "decide", lambda store, id, verdict: ("decided", verdict))
+    assert probation.run(cfg) == ("decided", None) and refused
+
+
+def test_no_commit_when_current_no_longer_selects_the_new_binary(cfg, switched, fake_systemd):
+    """Recovery flipped the links and could not record it: the healthy daemon it runs is the old binary, and
+    committing would claim the new one. Recovery is started to finish, without blaming the release."""
+    lay = switched
+    from unbounded_agent import fsutil
+
+    fsutil.atomic_symlink(layout.BLUE, lay.path(layout.CURRENT))
+    rec = probation.decide(Store(cfg), ID, None)
+    assert rec.phase == record.RECOVERING and not rec.failure.blames_release
+    assert "selects unbounded-agent-blue" in rec.failure.detail
+    assert fake_systemd.calls == [("start", units.RECOVERY_UNIT)]

@@ -3,8 +3,10 @@ the restored daemon (start limit included) — and when it may act at all: alway
 one still on probation only when no operation holds the host (it takes the host itself); while probation's
 own operation holds the host probation decides, and while another operation holds it nothing changes."""
 
+import errno
 import os
 import types
+from pathlib import Path
 
 import pytest
 import upgrade_fakes
@@ -24,7 +26,7 @@ from upgrade_fakes import (
     upgrade_to,
 )
 
-from unbounded_agent import hostlock, layout, systemd
+from unbounded_agent import hostlock, layout, records, systemd
 from unbounded_agent.reasons import OpsError, Reason
 from unbounded_agent.upgrade import probation, record, recovery, stage, units
 from unbounded_agent.upgrade.record import Failure, Store
@@ -106,9 +108,25 @@ def test_recovery_of_a_rollback_on_request_goes_back_to_what_was_running(cfg, tm
     assert Store(cfg).quarantined(sha(agent_body("1.0.0"))).version == "1.0.0"
 
 
-def test_recovery_when_neither_slot_holds_the_previous_binary_fails_for_good(cfg, switched, fake_systemd):
+def test_recovery_when_both_slots_lost_the_previous_binary_restores_the_packaged_agent(cfg, switched, fake_systemd,
+                                                                                     tmp_path):
+    """Neither last-good nor the from slot holds the binary the upgrade replaced: the agent the package ships
+    goes into the from slot, and the node runs it (a working agent rather than none)."""
     lay = switched
     lay.path(layout.BLUE).write_bytes(b"#!/bin/sh\necho overwritten\n")
+    recovering(cfg)
+    rec = recovery.run(cfg)
+    assert rec.phase == record.ROLLED_BACK and rec.restored_daemon == "active"
+    assert lay.link_target(layout.CURRENT) == layout.BLUE == lay.link_target(layout.LAST_GOOD)
+    assert lay.path(layout.BLUE).read_bytes() == (tmp_path / "packaged").read_bytes()
+    assert "restored the agent the package ships" in rec.message and "rolled back to 1.0.0" in rec.message
+    assert Store(cfg).read_signal().restored.digest == sha((tmp_path / "packaged").read_bytes())
+
+
+def test_recovery_when_nothing_can_be_restored_fails_for_good(cfg, switched, fake_systemd, tmp_path):
+    lay = switched
+    lay.path(layout.BLUE).write_bytes(b"#!/bin/sh\necho overwritten\n")
+    (tmp_path / "packaged").unlink()
     recovering(cfg)
     before = links(lay)
     with pytest.raises(OpsError) as e:
@@ -138,7 +156,8 @@ def test_recovery_after_a_commit_changes_nothing(cfg, switched, fake_systemd):
     assert probation.run(cfg).committed
     before = state_files(cfg), links(lay)
     assert recovery.run(cfg).phase == record.COMMITTED
-    assert (state_files(cfg), links(lay)) == before and fake_systemd.calls == []
+    # the daemon's OnFailure= after a commit: the dispatcher decides whether a recover request is due
+    assert (state_files(cfg), links(lay)) == before and fake_systemd.calls == [("start", units.DISPATCH_UNIT)]
 
 
 def test_recovery_runs_once(cfg, switched, fake_systemd):
@@ -192,14 +211,14 @@ def test_recovery_waits_out_the_start_limit_when_restart_is_refused(cfg, switche
     assert fake_systemd.calls[-1] == ("start", DAEMON)
 
 
-@pytest.mark.parametrize("usec,wait", [(600_000_000, recovery.START_LIMIT_WAIT_MAX), (0, 65.0), (2**64 - 1, 65.0),
+@pytest.mark.parametrize("usec,wait", [(600_000_000, units.START_LIMIT_WAIT_MAX), (0, 65.0), (2**64 - 1, 65.0),
                                        (10_000_000, 15.0)])
 def test_the_start_limit_wait_is_bounded(fake_systemd, usec, wait):
     fake_systemd.start_limit_usec = usec
     assert recovery._start_limit_interval() == wait
 
 
-def test_a_restored_daemon_that_does_not_come_up_is_reported(cfg, switched, fake_systemd, monkeypatch):
+def test_a_restored_daemon_that_does_not_come_up_ends_the_rollback_at_once(cfg, switched, fake_systemd, monkeypatch):
     t = [0.0]
     monkeypatch.setattr(recovery, "time", types.SimpleNamespace(sleep=lambda s: t.__setitem__(0, t[0] + s),
                                                                 monotonic=lambda: t[0]))
@@ -207,16 +226,39 @@ def test_a_restored_daemon_that_does_not_come_up_is_reported(cfg, switched, fake
 
     def restart_fails(name, mode="replace"):
         fake_systemd.calls.append(("restart", name))
-        fake_systemd.daemon.update(active_state="failed", sub_state="failed", job=0)
+        fake_systemd.daemon.update(active_state="failed", sub_state="failed", job=0, result="exit-code")
 
     monkeypatch.setattr(systemd, "restart_unit", restart_fails)
     with pytest.raises(OpsError) as e:
         recovery.run(cfg)
-    assert e.value.reason == Reason.DAEMON_FAILED and "the restored daemon is failed" in e.value.message
+    assert e.value.reason == Reason.DAEMON_NOT_RESTARTED and "it failed again (result exit-code)" in e.value.message
     rec = read(cfg)
-    assert rec.phase == record.ROLLED_BACK and rec.restored_daemon == "failed"
-    assert "the restored daemon is failed" in rec.message
-    assert t[0] >= recovery.RESTART_READY_SECONDS  # it waited the whole bound (on the fake clock)
+    assert rec.phase == record.ROLLED_BACK and rec.restored_daemon == "failed" and rec.reason == "DaemonNotRestarted"
+    assert "the restored daemon is not running: it failed again" in rec.message
+    assert t[0] < 5  # a failed daemon is not waited for
+
+
+@pytest.mark.parametrize("how", ["masked", "refused"])
+def test_a_daemon_systemd_will_not_start_ends_in_a_terminal_record(cfg, switched, fake_systemd, host_lock, monkeypatch,
+                                                                   how):
+    """Masked, or a start refused outright: never recovering for ever with the host held."""
+    lay = switched
+    recovering(cfg)
+    host_lock.free()
+    if how == "masked":
+        fake_systemd.daemon.update(load_state="masked")
+    else:
+        def refuse(name, mode="replace"):
+            raise systemd.SystemdError(f"RestartUnit({name}) failed: Unit has a bad unit file setting (org.freedesktop.systemd1.BadUnitSetting)")
+        monkeypatch.setattr(systemd, "restart_unit", refuse)
+    with pytest.raises(OpsError) as e:
+        recovery.run(cfg)
+    assert e.value.reason == Reason.DAEMON_NOT_RESTARTED
+    rec = read(cfg)
+    assert rec.phase == record.ROLLED_BACK and rec.reason == "DaemonNotRestarted" and rec.restored_daemon == how
+    assert ("is masked" if how == "masked" else "bad unit file setting") in rec.message
+    assert lay.link_target(layout.CURRENT) == layout.BLUE  # rolled back all the same
+    assert hostlock.holder() is None  # and the host is free for the next operation
 
 
 def test_a_refused_reset_failed_does_not_stop_the_rollback(cfg, switched, fake_systemd, monkeypatch):
@@ -310,3 +352,67 @@ def test_a_recovering_record_is_rolled_back_whether_or_not_its_operation_holds_t
     assert_rolled_back(cfg, lay)
     assert [h.operation for h in seen] == [ID]
     assert (hostlock.holder() is not None) == held  # recovery releases only a lock it took
+
+
+# -- a state dir that refuses writes --------------------------------------------------------------------------
+
+
+def refuse_writes(monkeypatch, cfg):
+    """Every records.save under the state dir fails as on a full file system (links still can be made)."""
+    real = records.save
+
+    def save(obj, path, mode=0o644):
+        if Path(path).parent == Path(cfg.state_dir):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, path, mode)
+
+    monkeypatch.setattr(records, "save", save)
+    monkeypatch.setattr(records, "STATE_RETRY_SECONDS", 0.3)
+    return lambda: monkeypatch.setattr(records, "save", real)
+
+
+def test_with_a_full_state_dir_the_links_flip_first_and_the_rollback_happens(cfg, switched, fake_systemd,
+                                                                             monkeypatch, host_lock):
+    """Probation could not record its verdict: recovery, finding the record on probation with nobody watching,
+    flips the links and restarts the daemon before it writes anything; then it says what it could not write."""
+    lay = switched
+    fake_systemd.daemon_crashed(3, active_state="failed", sub_state="failed")
+    room_again = refuse_writes(monkeypatch, cfg)
+    with pytest.raises(OpsError) as e:
+        recovery.run(cfg)
+    assert e.value.reason is Reason.STATE_UNWRITABLE and "No space left on device" in e.value.message
+    assert "rolled back to 1.0.0" in e.value.message
+    assert lay.link_target(layout.CURRENT) == layout.BLUE == lay.link_target(layout.LAST_GOOD)
+    assert ("restart", DAEMON) in fake_systemd.calls and fake_systemd.daemon["active_state"] == "active"
+    assert read(cfg).phase == record.PROBATION  # nothing could be written
+    # once there is room again, recovery (run again by the dispatcher) finishes the record without a second restart
+    room_again()
+    fake_systemd.calls.clear()
+    rec = recovery.run(cfg)
+    assert rec.phase == record.ROLLED_BACK and rec.restored_daemon == "active"
+    assert ("restart", DAEMON) not in fake_systemd.calls
+    assert Store(cfg).quarantined(sha(agent_body("2.0.0"))) is not None
+
+
+def test_a_release_not_to_blame_is_rolled_back_but_not_quarantined(cfg, switched, fake_systemd):
+    recovering(cfg, "the new daemon was not started (state inactive/dead, result success)", blames_release=False)
+    rec = recovery.run(cfg)
+    assert rec.phase == record.ROLLED_BACK and "not quarantined" in rec.message
+    assert Store(cfg).quarantine() == []
+
+
+def test_a_rollback_after_the_commit_says_so(cfg, switched, fake_systemd):
+    assert probation.run(cfg).committed
+    store = Store(cfg)
+    rec = store.advance(read(cfg), record.RECOVERING, after_commit=True, reopened_by="recover-1",
+                        failure=Failure(detail="the committed daemon crashed 3 times within 600 s of its commit",
+                                        exit_code=1))
+    rec = recovery.run(cfg)
+    assert rec.phase == record.ROLLED_BACK and rec.reason == "DaemonFailedAfterCommit"
+    assert rec.reason_enum() is Reason.DAEMON_FAILED_AFTER_COMMIT
+    assert "version 2.0.0 failed after its commit" in rec.message and "exit code 1" in rec.message
+    assert [h.phase for h in rec.history][-4:] == ["probation", "committed", "recovering", "rolled-back"]
+    signal = store.read_signal()
+    assert signal.after_commit and signal.request_id == ID and signal.reason == "DaemonFailedAfterCommit"
+    assert "kept failing after its commit" in signal.failure_message
+    assert "after its commit" in rec.describe()

@@ -47,3 +47,31 @@ def test_the_callers_own_unit_does_not_count(fake_systemd, monkeypatch):
     monkeypatch.setattr(units, "own_unit", lambda: units.PROBATION_UNIT)
     fake_systemd.busy_units |= {units.PROBATION_UNIT}
     assert units.busy_units(UpgradeRecord(id="upgrade-1", operation="op")) == []
+
+
+UNIT_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "units"
+
+
+def test_no_unit_shows_the_instance_it_runs_for_in_its_description():
+    """The unit name of unbounded-upgrade@<URL> is visible to every local user (README): the URL must not be
+    repeated in Description=, and only the chain's units, keyed by request ids, name their instance."""
+    for unit in sorted(UNIT_DIR.glob("*.service")):
+        description = re.search(r"^Description=(.*)$", unit.read_text(), re.M)[1]
+        assert "%I" not in description, unit.name
+        if unit.name == "unbounded-upgrade@.service":
+            assert "%i" not in description
+
+
+def test_the_unit_bounds_follow_the_config(tmp_path):
+    from unbounded_agent import config
+
+    cfg = config.load(str(tmp_path / "absent.yaml"))
+    assert units.stage_seconds(cfg) == cfg.download_deadline_seconds + units.STAGE_MARGIN_SECONDS
+    assert units.preflight_seconds(cfg) == cfg.preflight_timeout_seconds + units.PREFLIGHT_MARGIN_SECONDS
+    # probation waits out the old daemon's stop, then every watch it may make; recovery one start-limit wait
+    assert units.probation_seconds(cfg) > units.STOP_BOUND_SECONDS + (units.MAX_REWATCH + 1) * (
+        cfg.ready_timeout_seconds + cfg.probation_seconds)
+    assert units.recovery_seconds(cfg) > units.START_LIMIT_WAIT_MAX + units.STOP_BOUND_SECONDS + cfg.ready_timeout_seconds
+    assert units.STOP_BOUND_SECONDS >= 2 * units.DAEMON_STOP_SECONDS
+    daemon = (UNIT_DIR / "unbounded-agent-daemon.service").read_text()
+    assert f"\nTimeoutStopSec={units.DAEMON_STOP_SECONDS}\n" in daemon

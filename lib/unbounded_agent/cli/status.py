@@ -46,6 +46,7 @@ def collect(cfg: Config) -> dict:
     latest = next((q["operation"] for q in queue or [] if q["state"] == "running"), None) or next(
         (r["operation"] for r in results), None)
     return {
+        "after_commit_watch": _after_commit_watch(store, rec),
         "version": VERSION,
         "machine_name": cfg.machine_name,
         "config": cfg.source,
@@ -62,6 +63,23 @@ def collect(cfg: Config) -> dict:
         "rollback_signal": records.to_dict(signal) if signal else None,
         "daemon": daemon,
     }
+
+
+def _after_commit_watch(store, rec) -> dict | None:
+    """While a committed upgrade is in its failure-detection window: its crashes so far (upgrade/crashes.py)."""
+    import datetime
+    import time
+
+    from ..upgrade import crashes
+    from ..upgrade.record import COMMITTED
+
+    committed = rec.phase_time(COMMITTED) if rec is not None and rec.committed and not rec.same_content else None
+    if committed is None or time.time() - committed > crashes.WINDOW_SECONDS:
+        return None
+    n = len([e for e in crashes.read_exits(store) if e.t >= committed and rec.to and e.digest == rec.to.digest])
+    until = datetime.datetime.fromtimestamp(committed + crashes.WINDOW_SECONDS, datetime.UTC)
+    return {"crashes": n, "rolls_back_at": crashes.CRASHES, "window_seconds": crashes.WINDOW_SECONDS,
+            "until": until.isoformat(timespec="seconds").replace("+00:00", "Z")}
 
 
 def render(st: dict) -> str:
@@ -96,6 +114,10 @@ def render(st: dict) -> str:
         ("upgrade", upgrade_line),
         ("daemon", daemon),
     ]
+    w = st.get("after_commit_watch")
+    if w:
+        rows.append(("crash watch", f"{w['crashes']} of {w['rolls_back_at']} crashes before {w['until']} roll the "
+                                    "committed upgrade back to last good"))
     if st["queue"] is None:
         rows.append(("queue", "unknown (only root may read it)"))
     else:
@@ -103,6 +125,8 @@ def render(st: dict) -> str:
                  for q in st["queue"]] or [("queue", "empty")]
     for r in st["results"]:
         verdict = "succeeded" if r["succeeded"] else f"failed ({r['reason']})"
+        if r.get("after_commit"):
+            verdict += f", then rolled back after its commit ({r['after_commit'].get('reason')})"
         rows.append(("last results", f"{r['finished_at']} {r['kind']} {r['operation']} {verdict}"))
     if st.get("journal"):
         rows.append(("journal", f"{st['journal']}  (one operation, all its units)"))

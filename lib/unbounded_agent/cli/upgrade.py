@@ -19,6 +19,9 @@ from ..reasons import OpsError, Reason
 
 POLL_SECONDS = 0.2
 QUEUE_HINT_SECONDS = 10.0
+# systemd 252's journal refuses the output stream of a unit whose name is 255 characters long (the most a unit
+# name may be): such an entry unit would queue the upgrade and then die on its first line, unheard.
+JOURNALED_UNIT_NAME_MAX = 254
 
 
 def add_upgrade_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,9 +54,29 @@ def unit_main(argv: list[str] | None = None) -> int:
     ap.add_argument("target", metavar="URL|rollback", help="the unit's instance, unescaped (%%I)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     log.set_prefix("unbounded-upgrade")
+    refused = _unit_name_refused()
+    if refused:
+        return refused
     if args.target == "rollback":
         return _run("rollback", "", None, False, True, "systemctl")
     return _run("upgrade", args.target, None, False, True, "systemctl")
+
+
+def _unit_name_refused() -> int:
+    """An entry unit whose name the journal would not take refuses at once, saying why through syslog (its own
+    output would be lost), and queues nothing. 0 when the name is fine."""
+    from ..upgrade.units import own_unit
+
+    unit = own_unit()
+    if unit is None or len(unit) <= JOURNALED_UNIT_NAME_MAX:
+        return 0
+    import syslog
+
+    syslog.openlog("unbounded-upgrade")
+    syslog.syslog(syslog.LOG_ERR, f"{Reason.INVALID_PARAMETERS.value}: the unit name is {len(unit)} characters long, "
+                                  f"more than the {JOURNALED_UNIT_NAME_MAX} the journal takes; nothing was queued: "
+                                  "upgrade from this URL with `unbounded-agent upgrade URL` instead")
+    return Reason.INVALID_PARAMETERS.exit_code
 
 
 def _run(kind: str, url: str, sha256: str | None, force: bool, wait: bool, source: str) -> int:

@@ -184,7 +184,14 @@ def apply_status(op: dict, want: dict, at: str | None = None) -> dict:
             "observedGeneration": want.get("observedGeneration") or op.get("metadata", {}).get("generation", 1),
             "lastTransitionTime": prev["lastTransitionTime"] if prev and prev.get("status") == status
             and prev.get("lastTransitionTime") else at}
-    st["conditions"] = [c for c in conditions if c.get("type") != CONDITION] + [cond]
+    extra = []
+    for c in want.get("conditions") or []:  # more conditions beside Completed (kube/aftercommit.py)
+        before = next((old_c for old_c in conditions if old_c.get("type") == c["type"]), None)
+        extra.append(dict(c, observedGeneration=cond["observedGeneration"],
+                          lastTransitionTime=before["lastTransitionTime"] if before and before.get("status") == c["status"]
+                          and before.get("lastTransitionTime") else at))
+    replaced = {CONDITION, *(c["type"] for c in extra)}
+    st["conditions"] = [c for c in conditions if c.get("type") not in replaced] + [cond] + extra
     return st
 
 
@@ -192,14 +199,17 @@ def status_matches(op: dict, want: dict) -> bool:
     """Whether op's status already says what want says (so nothing needs writing)."""
     st = op.get("status") or {}
     cond = next((c for c in st.get("conditions") or [] if isinstance(c, dict) and c.get("type") == CONDITION), {})
+    have = {c.get("type"): c for c in st.get("conditions") or [] if isinstance(c, dict)}
     return (st.get("phase") == want["phase"] and st.get("message") == want["message"]
             and cond.get("reason") == want["reason"]
             and (not want.get("observedGeneration") or cond.get("observedGeneration") == want["observedGeneration"])
-            and all(st.get(k) == want[k] for k in ("completedAt", "startedAt") if want.get(k)))
+            and all(st.get(k) == want[k] for k in ("completedAt", "startedAt") if want.get(k))
+            and all({k: have.get(c["type"], {}).get(k) for k in ("status", "reason", "message")}
+                    == {k: c[k] for k in ("status", "reason", "message")} for c in want.get("conditions") or []))
 
 
 def event(op: dict, reason: str, message: str, warning: bool, host: str, namespace: str = "default",
-          at: str | None = None, suffix: str = "") -> dict:
+          at: str | None = None, suffix: str = "", component: str = COMPONENT) -> dict:
     """A core/v1 Event on op (cluster-scoped objects' events live in the default namespace, as client-go
     records them; ``kubectl describe mop`` finds them by the involved object's uid)."""
     at = at or now()
@@ -211,7 +221,7 @@ def event(op: dict, reason: str, message: str, warning: bool, host: str, namespa
                            "kind": "MachineOperation", "name": meta.get("name"), "uid": meta.get("uid"),
                            "resourceVersion": meta.get("resourceVersion")},
         "reason": reason, "message": message[:1024], "type": "Warning" if warning else "Normal",
-        "source": {"component": COMPONENT, "host": host},
-        "reportingComponent": COMPONENT, "reportingInstance": host,
+        "source": {"component": component, "host": host},
+        "reportingComponent": component, "reportingInstance": host,
         "firstTimestamp": at, "lastTimestamp": at, "count": 1,
     }

@@ -46,6 +46,7 @@ class OperationProgress:
     gone: bool = False  # deleted from the server: the host finishes what it started, nothing is reported
     upgrade_phase: str | None = None  # the last upgrade phase an Event announced
     acked: bool = False  # reset: the gate before the agent's removal was opened for us and acknowledged
+    rolled_back_at: str | None = None  # upgrade: the rollback after its commit that was reported (kube/aftercommit.py)
     updated_at: str = ""
     format: int = 1
 

@@ -28,7 +28,7 @@ from ..config import Config
 from ..queue.spool import Request, Spool
 from ..reasons import OpsError, Reason
 from ..version import VERSION
-from . import adoption, mop, reset_driver, upgrade_driver
+from . import adoption, aftercommit, mop, reset_driver, upgrade_driver
 from . import client as kubeclient
 from .listwatch import WATCH_TIMEOUT, ListWatch, rv_newer
 from .progress import ACCEPTED, DONE, SUBMITTED, SUBMITTING, OperationProgress, ProgressStore
@@ -62,6 +62,7 @@ class Watcher:
         self.stop_event = threading.Event()
         self.listwatch: ListWatch | None = None
         self.errors: dict[str, int] = {}  # uid -> unexpected errors in a row
+        self.signal_seen: int | None = None  # the rollback signal last looked at (kube/aftercommit.py)
         self._last_error: str | None = None
 
     @property
@@ -161,6 +162,7 @@ class Watcher:
         for p in list(self.progress.values()):
             if not p.done:
                 self._drive(p)
+        aftercommit.report(self)
         if self.synced:
             self.admit_new()
         self.api.flush_status(self.progress.values())

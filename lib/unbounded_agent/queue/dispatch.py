@@ -22,7 +22,8 @@ import traceback
 
 from .. import holdpoint, hostlock, log, program, records, systemd
 from ..reasons import OpsError, Reason
-from .spool import Gate, Request, Result, Spool
+from . import recover
+from .spool import KINDS, Gate, Request, Result, Spool
 
 MAX_ATTEMPTS = 3  # a request whose run was cut short this often (a crash in the dispatcher) fails
 LOCK_WAIT_SECONDS = 1800.0  # the host held by something else (recovery after a crash, a bootstrap)
@@ -59,6 +60,8 @@ def run(spool: Spool | None = None) -> None:
     except OpsError as e:
         cfg, cfg_error = None, e
         log.error(f"{e}: every queued request fails with it until the config is fixed")
+    if cfg is not None:
+        recover.check_daemon(cfg, spool)
     while True:
         for name in spool.sweep():
             log.warn(f"moved {name} out of the spool to {spool.rejected}: it is not a request")
@@ -68,7 +71,7 @@ def run(spool: Spool | None = None) -> None:
         if entry is None:
             return
         path, req = entry
-        if req is None or req.kind not in ("upgrade", "rollback", "reset"):
+        if req is None or req.kind not in KINDS:
             rid = path.name.split("-", 1)[1].rsplit(".", 1)[0]
             finish(cfg, spool, path, Result(id=rid, kind=getattr(req, "kind", "?"), operation=rid, source="?",
                                             succeeded=False, reason=Reason.INVALID_PARAMETERS.value,
@@ -114,9 +117,14 @@ def dispatch(cfg, cfg_error: OpsError | None, spool: Spool, path, req: Request) 
         if req.attempts > MAX_ATTEMPTS:
             raise OpsError(Reason.EXECUTION_FAILED, f"the dispatcher was interrupted {MAX_ATTEMPTS} times while "
                                                     "running it; giving up (see journalctl -u unbounded-agent-dispatch)")
-        with hostlock.HostLock(req.id, req.kind).acquire(wait=LOCK_WAIT_SECONDS):
+        # A recover request re-opens the upgrade it names and runs under that operation's id: its recovery
+        # unit checks the host is held for the record it rolls back.
+        lock_id = (req.target or req.id) if req.kind == "recover" else req.id
+        with hostlock.HostLock(lock_id, req.kind).acquire(wait=LOCK_WAIT_SECONDS):
             if req.kind == "reset":
                 _run_reset(spool, req, result)
+            elif req.kind == "recover":
+                _run_recover(cfg, spool, req, result)
             else:
                 _run_upgrade(cfg, req, result)
     except OpsError as e:
@@ -158,6 +166,24 @@ def _run_upgrade(cfg, req: Request, result: Result) -> None:
     result.failure = rec_io.to_dict(rec.failure) if rec.failure else None
 
 
+def _run_recover(cfg, spool: Spool, req: Request, result: Result) -> None:
+    """Roll a committed upgrade back (crashes.py), and add it to that upgrade's own result."""
+    from ..upgrade import api
+    from ..upgrade.record import ROLLED_BACK
+
+    rec, note = api.recover(cfg, req.id, req.target or "", req.detail)
+    if rec is None:
+        result.succeeded, result.reason, result.message = True, Reason.SUCCEEDED.value, note
+        return
+    result.succeeded = rec.phase == ROLLED_BACK and rec.restored_daemon == "active"
+    result.reason, result.message = rec.reason_enum().value, rec.message or rec.describe()
+    result.from_version = rec.to.version if rec.to else None  # from the failing binary back to the previous one
+    result.to_version = rec.from_.version if rec.from_ else None
+    result.failure = records.to_dict(rec.failure) if rec.failure else None
+    spool.amend_result(rec.id, after_commit={"reason": result.reason, "message": result.message,
+                                             "at": rec.finished_at, "request": req.id, "failure": result.failure})
+
+
 def _converge_orphan(cfg, spool: Spool) -> None:
     """An upgrade in flight that no claimed request owns (left by an older toolset, or by a request that gave
     up): follow it to its end under its own id before anything else runs."""
@@ -166,7 +192,7 @@ def _converge_orphan(cfg, spool: Spool) -> None:
 
     rec = api.orphan(cfg)
     claimed = spool.claimed()
-    if rec is None or (claimed and claimed[1].id == rec.id):
+    if rec is None or (claimed and rec.id in (claimed[1].id, claimed[1].target)):
         return
     with log.context(operation=rec.operation, request=rec.id, uid=rec.uid, kind=rec.kind):
         log.info(f"found {rec.describe()} with no request: following it to its end first")

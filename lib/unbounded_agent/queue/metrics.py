@@ -151,7 +151,7 @@ def _epoch(stamp: str) -> float:
 
 def rollback_reason(cfg, id: str) -> str | None:
     """Whether operation id ended on the last-good binary, and why: Requested, or the cause of the failure
-    (upgrade.probation.CAUSES)."""
+    (upgrade.record.CAUSES)."""
     from ..upgrade import record
 
     rec = record.Store(cfg).read()

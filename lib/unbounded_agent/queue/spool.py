@@ -28,8 +28,8 @@ from .. import fsutil, records
 from ..config import ops_dir
 from ..reasons import OpsError, Reason
 
-KINDS = ("upgrade", "rollback", "reset")
-SOURCES = ("cli", "systemctl", "machineoperation")
+KINDS = ("upgrade", "rollback", "reset", "recover")
+SOURCES = ("cli", "systemctl", "machineoperation", "daemon")  # daemon: its ExecStopPost= or its recovery
 KEEP_RESULTS = 200
 _ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?")
 _ENTRY = re.compile(r"[0-9]{20}-[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?\.(request|claimed)")
@@ -53,6 +53,8 @@ class Request:
     force: bool = False
     all_wg: bool = False  # reset: also every wg<N> link
     report_gate: bool = False  # reset: wait for the requester's report before the agent is removed
+    target: str | None = None  # recover: the committed upgrade (its request id) whose daemon keeps failing
+    detail: str = ""  # recover: why (how the committed daemon failed)
     attempts: int = 0  # runs the dispatcher started for it (a claim interrupted by a crash counts)
     claimed_at: str | None = None
     format: int = 1
@@ -81,6 +83,9 @@ class Result:
     attempts: int = 1  # runs the dispatcher started for it (more than one: a dispatcher was interrupted)
     step: str | None = None  # reset: the step that failed
     failure: dict | None = None  # upgrade: how the new daemon failed (exit detail, journal excerpt)
+    # upgrade: committed, then rolled back by a recover request because its daemon kept failing (reason,
+    # message, at, request, failure)
+    after_commit: dict | None = None
     format: int = 1
 
     def exit_code(self) -> int:
@@ -93,7 +98,8 @@ class Result:
 
     def describe(self) -> str:
         verdict = "succeeded" if self.succeeded else f"failed ({self.reason})"
-        return f"{self.kind} {self.operation} {verdict}: {self.message}"
+        late = f"; then rolled back after its commit: {self.after_commit.get('message')}" if self.after_commit else ""
+        return f"{self.kind} {self.operation} {verdict}: {self.message}{late}"
 
 
 @dataclasses.dataclass
@@ -248,6 +254,16 @@ class Spool:
             self.drop(path)
         self.clear_gate(result.id)
         self._prune()
+
+    def amend_result(self, id: str, **changes) -> Result | None:
+        """Add to a result already written (an upgrade rolled back after its commit); None when there is none."""
+        result = self.result(id)
+        if result is None:
+            return None
+        for key, value in changes.items():
+            setattr(result, key, value)
+        records.save(result, self.results / f"{id}.json", mode=0o644)
+        return result
 
     def result(self, id: str) -> Result | None:
         try:

@@ -6,23 +6,32 @@
 OpsError), records the request, starts the operation's chain of units and follows the record to its end.
 When no unit of the operation is at work and the record is still in flight — a step was killed, the host
 stopped, the dispatcher itself was restarted — it decides the record (resume.resolve), so every operation
-ends in a terminal record.
+ends in a terminal record. Deciding is retried with a growing pause, a bounded number of times: a record
+that no unit can bring to an end (the state dir refuses writes) ends the operation with StateUnwritable
+(or ExecutionFailed) instead of holding the host for ever; the dispatcher decides it again before it runs
+anything else.
+
+    rec, note = api.recover(cfg, request_id, target, detail)   # a recover request (crashes.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 
-from .. import log, records, systemd
+from .. import layout, log, records, systemd
 from ..config import Config
 from ..reasons import OpsError, Reason
-from . import record, resume, units
+from . import crashes, record, resume, units
 from .record import Store, UpgradeRecord, UpgradeRequest
 
 POLL_SECONDS = 0.1
 IDLE_SECONDS = 1.0  # no unit of the operation at work for this long: it was interrupted
+DECIDE_BACKOFF_MAX = 30.0  # the pause before deciding again grows to this
+MAX_DECISIONS = 8  # decided this often and still in flight: the operation ends without the record
+MAX_REFUSALS = 2  # decided this often while the state dir refused writes: it ends sooner (StateUnwritable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,7 @@ def follow(store: Store, id: str, on_change: Callable[[UpgradeRecord], None] | N
     seen = None
     idle_since: float | None = None
     next_check = 0.0
+    decisions, refusals, pause, last_error = 0, 0, IDLE_SECONDS, ""
     while True:
         rec = store.read()
         if rec is None or rec.id != id:
@@ -121,18 +131,79 @@ def follow(store: Store, id: str, on_change: Callable[[UpgradeRecord], None] | N
                 idle_since = None
             elif idle_since is None:
                 idle_since = now
-            elif now - idle_since >= IDLE_SECONDS:
+            elif now - idle_since >= pause:
                 rec = store.read()
                 if rec is not None and rec.id == id and rec.in_flight:
+                    if decisions >= MAX_DECISIONS or refusals >= MAX_REFUSALS:
+                        raise _stuck(store, rec, decisions, last_error)
+                    decisions += 1
+                    pause = min(IDLE_SECONDS * 2 ** decisions, DECIDE_BACKOFF_MAX)
+                    # decided all the same: recovery rolls back from the links even when it cannot write
+                    refusals = refusals + 1 if _unwritable(store.dir) else 0
                     log.info(f"no unit of {id} is at work: deciding {rec.describe()}")
                     try:
                         resume.resolve(store, rec, restart_daemon=not resume.daemon_starting())
-                    except systemd.SystemdError as e:
-                        # e.g. probation cannot start (masked): the record stays in flight, and the daemon's
-                        # OnFailure= recovery may still end it; decide again after the next idle spell.
-                        log.warn(f"cannot go on with {id} now: {e}")
+                    except (systemd.SystemdError, OpsError, OSError) as e:
+                        # e.g. probation cannot start (masked): the daemon's OnFailure= recovery may still end
+                        # it; decide again after a longer pause.
+                        last_error = str(e)
+                        log.warn(f"cannot go on with {id} now: {e}; deciding again in {pause:g} s")
                 idle_since = None
         time.sleep(POLL_SECONDS)
+
+
+def _stuck(store: Store, rec: UpgradeRecord, decisions: int, last_error: str) -> OpsError:
+    """The end of an operation whose record no unit could bring to an end."""
+    unwritable = _unwritable(store.dir)
+    why = f"the state dir refuses writes ({unwritable})" if unwritable else (last_error or "its units ended without a verdict")
+    return OpsError(Reason.STATE_UNWRITABLE if unwritable else Reason.EXECUTION_FAILED,
+                    f"{rec.describe()}: still not ended after deciding it {decisions} times: {why}; the host is "
+                    "released, and the dispatcher decides it again before it runs another operation "
+                    "(journalctl -u unbounded-upgrade-probation -u unbounded-agent-daemon-recovery)")
+
+
+def _unwritable(directory) -> str | None:
+    """Why a small file cannot be written in directory now (None when it can)."""
+    probe = os.path.join(directory, f".probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    return None
+
+
+def recover(cfg: Config, request_id: str, target: str, detail: str) -> tuple[UpgradeRecord | None, str]:
+    """A recover request (crashes.py): re-open the committed upgrade ``target`` into ``recovering`` and follow
+    recovery to its end. (None, why) when there is nothing to recover: the record moved on, its binary is no
+    longer current, or there is no last-good to go back to (left to systemd)."""
+    store = Store(cfg)
+    lay = layout.Layout(cfg.bin_dir)
+    with store.transaction() as rec:
+        if rec is not None and rec.id == target and rec.reopened_by == request_id:
+            pass  # this request re-opened it already (the dispatcher was restarted): follow it to its end
+        elif rec is None or rec.id != target or not rec.committed:
+            return None, "nothing to recover: " + (rec.describe() if rec else "no upgrade record")
+        else:
+            current = lay.resolves(layout.CURRENT)
+            if current is None or record.file_digest(current) != (rec.to.digest if rec.to else None):
+                return None, f"nothing to recover: {layout.CURRENT} no longer selects the binary {rec.operation} committed"
+            if crashes.last_good(lay, rec) is None:
+                return None, f"nothing to roll back to ({layout.LAST_GOOD} holds no other binary): left to systemd"
+            failure = crashes.failure(store, rec, detail)
+            rec = store.persist(lambda: store.advance(rec, record.RECOVERING, failure=failure, after_commit=True,
+                                                      reopened_by=request_id, finished_at=None))
+            log.error(f"{rec.kind} {rec.operation}: {detail}; rolling back to {layout.LAST_GOOD}")
+    if rec.in_flight:
+        systemd.start_unit(units.RECOVERY_UNIT)
+    return follow(store, rec.id), ""
 
 
 def orphan(cfg: Config) -> UpgradeRecord | None:

@@ -10,7 +10,9 @@ The record (``<state dir>/upgrade.json``) describes the upgrade in flight, or th
 
 ``failed``, ``committed`` and ``rolled-back`` are terminal. A record left in any other phase by a
 ``kill -9`` or a power loss is *interrupted*; resume.py decides from the record and the links whether it
-failed (before the switch) or goes back on probation.
+failed (before the switch) or goes back on probation. One way leads out of ``committed``: when the committed
+daemon keeps failing (crashes.py), a ``recover`` request re-opens the record (``after_commit``) into
+``recovering``, and recovery ends it ``rolled-back`` (reason DaemonFailedAfterCommit).
 
 Secrets: the record holds only redacted URLs. The full URL waits in ``upgrade-request.json`` (mode 0600)
 until the stage step reads it; it is removed when the operation ends.
@@ -70,17 +72,29 @@ class Probation:
     started_at: str | None = None
 
 
+# Failure.cause: why an upgrade was rolled back, in one word each (the label of the rollbacks metric)
+EXITED_BEFORE_READY, NOT_READY, STOPPED = "ExitedBeforeReady", "NotReady", "StoppedOnProbation"
+INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD = "ProbationInterrupted", "Unwatchable", "FailedUnderSystemd"
+NOT_STARTED, RESTARTED_FROM_OUTSIDE, UNRECORDED = "NotStarted", "RestartedFromOutside", "Unrecorded"
+CRASHED_AFTER_COMMIT, VERSION_MISMATCH = "CrashedAfterCommit", "VersionMismatch"
+CAUSES = (EXITED_BEFORE_READY, NOT_READY, STOPPED, INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD, NOT_STARTED,
+          RESTARTED_FROM_OUTSIDE, UNRECORDED, CRASHED_AFTER_COMMIT, VERSION_MISMATCH)
+
+
 @dataclasses.dataclass
 class Failure:
     """How the new daemon failed: the exit detail and the journal excerpt of its failed run."""
 
     detail: str = ""
-    cause: str | None = None  # one word for what happened (probation.CAUSES): the rollbacks' metric label
+    cause: str | None = None  # one word for what happened (CAUSES): the rollbacks' metric label
     result: str | None = None
     state: str | None = None
     exit_code: int | None = None
     signal: str | None = None
     journal: list[str] = field(default_factory=list)
+    # False when the release is not to blame (the daemon was never started, or restarted from outside too
+    # often): it is rolled back to keep a known agent running, but not quarantined.
+    blames_release: bool = True
 
     def text(self) -> str:
         if self.exit_code is not None:
@@ -119,6 +133,8 @@ class UpgradeRecord:
     progress: Download | None = None
     same_content: bool = False
     restored_daemon: str | None = None
+    after_commit: bool = False  # re-opened after its commit: the committed daemon kept failing
+    reopened_by: str | None = None  # the recover request that re-opened it
     stage_peak_rss_kib: int | None = None
     requested_at: str = ""
     started_at: str | None = None
@@ -168,19 +184,18 @@ class UpgradeRecord:
         frm, to = self.from_ or Binary(), self.to or Binary()
         what = f"{self.kind} {self.operation}"
         versions = f"{frm.version or '?'} → {to.version or '?'}"
+        late = " after its commit" if self.after_commit else ""
         if self.terminal:
-            return f"{what} {self.phase} ({versions}): {self.reason}: {self.message}"
-        return f"{what} in phase {self.phase} ({versions}) since {self.updated_at}"
+            return f"{what} {self.phase}{late} ({versions}): {self.reason}: {self.message}"
+        return f"{what} in phase {self.phase}{late} ({versions}) since {self.updated_at}"
 
     def reason_enum(self) -> Reason:
         if self.phase == COMMITTED:
             return Reason.SUCCEEDED
-        if self.phase == ROLLED_BACK:
-            return Reason.DAEMON_FAILED
         try:
             return Reason(self.reason)
         except ValueError:
-            return Reason.EXECUTION_FAILED
+            return Reason.DAEMON_FAILED if self.phase == ROLLED_BACK else Reason.EXECUTION_FAILED
 
 
 def log_context(rec: UpgradeRecord, step: str | None = None) -> None:
@@ -226,6 +241,9 @@ class RollbackSignal:
 
     operation: str
     kind: str = UPGRADE
+    request_id: str | None = None  # the upgrade's request (what the watcher's progress names)
+    after_commit: bool = False  # the rollback came after the upgrade was committed (and reported Complete)
+    reason: str | None = None
     at: str = ""
     failed: Binary | None = None
     restored: Binary | None = None
@@ -291,6 +309,11 @@ class Store:
             return rec
         raise OpsError(Reason.EXECUTION_FAILED, f"operation {id} is not waiting to {step} (in phase {phase}): "
                                                 + (rec.describe() if rec else "no upgrade record"))
+
+    def persist(self, write, what: str = "the upgrade record"):
+        """write() retried while the state dir refuses writes (records.persist): for verdicts, which must not
+        be lost to a full disk for a moment."""
+        return records.persist(write, f"{what} in {self.dir}")
 
     def write(self, rec: UpgradeRecord) -> UpgradeRecord:
         rec.format = FORMAT

@@ -7,6 +7,7 @@ at work (units.busy_units), so nothing else writes the record meanwhile. From th
     switching, current still on the old slot          → failed (interrupted before the switch)
     switching with current on the new slot, probation → probation again (a fresh window)
     switching with current on something else          → recovery
+    probation with current no longer on the new slot  → recovery (it flipped the links, its record write was lost)
     recovering                                        → recovery again
 
 Probation counts its attempts and recovery always ends in a terminal record, so this converges.
@@ -42,6 +43,11 @@ def resolve(store: Store, rec: UpgradeRecord, *, restart_daemon: bool = True) ->
             return enter_probation(store, rec, restart=restart_daemon)
         rec = store.advance(rec, record.RECOVERING,
                             failure=Failure(detail="interrupted during the switch; the new slot does not hold the staged binary"))
+    if rec.phase == record.PROBATION and lay.link_target(layout.CURRENT) != rec.slots()[1]:
+        log.info(f"{rec.kind} {rec.operation} is on probation but {layout.CURRENT} is back on "
+                 f"{lay.link_target(layout.CURRENT)}: recovery finishes the rollback")
+        systemd.start_unit(units.RECOVERY_UNIT)
+        return rec
     if rec.phase == record.PROBATION:
         log.info(f"{rec.kind} {rec.operation} was interrupted on probation: watching the daemon again")
         systemd.start_unit(units.PROBATION_UNIT)

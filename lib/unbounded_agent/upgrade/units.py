@@ -1,16 +1,31 @@
-"""The units of an upgrade (units/README.md) and which of them are still at work on a record."""
+"""The units of an upgrade (units/README.md), which of them are still at work on a record, and the bounds
+their settings derive from (upgrade/generator.py writes them into drop-ins from the config)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import systemd
+from ..config import Config
+from ..records import STATE_RETRY_SECONDS
 from .record import UpgradeRecord
 
 STEPS = ("stage", "preflight", "switch")
 PROBATION_UNIT = "unbounded-upgrade-probation.service"
 RECOVERY_UNIT = "unbounded-agent-daemon-recovery.service"
+DISPATCH_UNIT = "unbounded-agent-dispatch.service"
 MAX_UNIT_NAME = 255
+
+# The daemon unit's TimeoutStopSec=: a daemon that ignores SIGTERM is killed after it, then systemd waits as
+# long again for the kill (the final SIGKILL). Probation waits that out before the new daemon's clock starts.
+DAEMON_STOP_SECONDS = 30
+STOP_BOUND_SECONDS = 2 * DAEMON_STOP_SECONDS + 10
+# How often probation watches again after someone restarted the daemon from outside (not held against it).
+MAX_REWATCH = 3
+START_LIMIT_WAIT_MAX = 305.0  # as upstream: at most the 5-minute interval, plus 5 s
+STAGE_MARGIN_SECONDS = 120  # after the download's deadline: extraction, digests, fsync
+PREFLIGHT_MARGIN_SECONDS = 60  # after the candidate's own timeout: kill, digest, record
+MARGIN_SECONDS = 60
 
 
 def step_unit(step: str, id: str) -> str:
@@ -43,3 +58,28 @@ def busy_units(rec: UpgradeRecord) -> list[str]:
     me = own_unit()
     names = chain_units(rec.id) + [PROBATION_UNIT, RECOVERY_UNIT]
     return [n for n in systemd.busy(names) if n != me]
+
+
+# -- how long each unit may take, from the config ---------------------------------------------------------
+
+
+def probation_seconds(cfg: Config) -> float:
+    """The probation unit's bound: the old daemon's stop, then ready + stable for the first watch and each
+    re-watch, then writing the verdict (retried while the state dir refuses writes)."""
+    return (STOP_BOUND_SECONDS + (MAX_REWATCH + 1) * (cfg.ready_timeout_seconds + cfg.probation_seconds)
+            + 2 * STATE_RETRY_SECONDS + MARGIN_SECONDS)
+
+
+def recovery_seconds(cfg: Config) -> float:
+    """The recovery unit's bound: the failing daemon's stop, one start-limit interval of waiting, the restored
+    daemon's readiness, and its writes (retried while the state dir refuses them)."""
+    return (STOP_BOUND_SECONDS + START_LIMIT_WAIT_MAX + cfg.ready_timeout_seconds + 3 * STATE_RETRY_SECONDS
+            + MARGIN_SECONDS)
+
+
+def stage_seconds(cfg: Config) -> float:
+    return cfg.download_deadline_seconds + STAGE_MARGIN_SECONDS
+
+
+def preflight_seconds(cfg: Config) -> float:
+    return cfg.preflight_timeout_seconds + PREFLIGHT_MARGIN_SECONDS
