@@ -71,7 +71,10 @@ TIMELINE = [
     ("preflighted → switch unit starting", "preflighted", "switch@"),
     ("switch unit starting → switching (exec, imports, record)", "switch@", "switching"),
     ("switching → probation (links, record)", "switching", "probation"),
-    ("probation → new daemon's process (old one stopped)", "probation", "exec"),
+    ("probation → old daemon stopping (restart job)", "probation", "stopping"),
+    ("old daemon stopping → its last line (SIGTERM handled)", "stopping", "stopped-line"),
+    ("its last line → stopped (exit, ExecStopPost= hook)", "stopped-line", "stopped"),
+    ("stopped → new daemon's process (start job, sandbox, exec)", "stopped", "exec"),
     ("new daemon's process → active (READY=1)", "exec", "active"),
 ]
 
@@ -130,11 +133,14 @@ def upgrade_once(host, url: str) -> tuple[float, dict[str, float]]:
               "active": mono_to_epoch(d["ActiveEnterTimestampMonotonic"])}
     for h in rec["history"]:
         points.setdefault(h["phase"], h["t"])
-    entries = journal_entries(host, t0, "unbounded-upgrade-*")
-    for step in ("stage", "preflight", "switch"):
-        t = when(entries, f"unbounded-upgrade-{step}@{rec['id']}.service", "Starting")
-        if t is not None:
-            points[f"{step}@"] = t
+    entries = journal_entries(host, t0, "unbounded-upgrade-*", DAEMON)
+    found = {f"{step}@": when(entries, f"unbounded-upgrade-{step}@{rec['id']}.service", "Starting")
+             for step in ("stage", "preflight", "switch")}
+    found["stopping"] = when(entries, DAEMON, "Stopping")
+    found["stopped"] = when(entries, DAEMON, "Stopped")
+    found["stopped-line"] = next((int(e["__REALTIME_TIMESTAMP"]) / 1e6 for e in entries
+                                  if e.get("_SYSTEMD_UNIT") == DAEMON and e.get("MESSAGE") == "stopped"), None)
+    points.update({k: t for k, t in found.items() if t is not None})
     points["stage_peak_rss_kib"] = rec.get("stage_peak_rss_kib") or 0
     host.run(["systemctl", "reset-failed"], check=False)
     return points["active"] - t0, points
@@ -143,7 +149,8 @@ def upgrade_once(host, url: str) -> tuple[float, dict[str, float]]:
 def timeline(runs: list[dict[str, float]]) -> str:
     rows = []
     for label, a, b in TIMELINE:
-        ms = [1000 * (p[b] - p[a]) for p in runs if a in p and b in p]
+        # two stamps of the same moment from two processes may come out a fraction of a millisecond apart
+        ms = [max(0.0, 1000 * (p[b] - p[a])) for p in runs if a in p and b in p]
         if ms:
             rows.append(f"| {label} | {statistics.median(ms):.0f} | {min(ms):.0f}–{max(ms):.0f} |")
     total = [1000 * (p["active"] - p["t0"]) for p in runs]
