@@ -37,6 +37,7 @@ from hostbench import (  # noqa: E402
     floor_daemon_timed,
     journal_entries,
     mono_to_epoch,
+    reset_start_limit,
     restart_daemon_timed,
     rfc3339,
     show,
@@ -100,6 +101,7 @@ def by_hand(host, name: str) -> float:
               f"{HAND_DIR}/unbounded-agent version >/dev/null; "
               f"ln -sfn {HAND_DIR}/unbounded-agent {BIN}/.by-hand-link && mv -T {BIN}/.by-hand-link {CURRENT}; "
               f"systemctl restart {DAEMON}")
+    reset_start_limit(host)
     before = show(host, DAEMON, "InvocationID")["InvocationID"]
     t0 = time.time()
     host.run(["sh", "-c", script], timeout=600)
@@ -110,6 +112,7 @@ def by_hand(host, name: str) -> float:
 
 def put_back(host, slot: str) -> None:
     """Undo the baseline (not timed): current selects the product's slot again, the daemon runs it."""
+    reset_start_limit(host)
     host.run(["sh", "-c", f"ln -sfn {slot} {BIN}/.by-hand-link && mv -T {BIN}/.by-hand-link {CURRENT} && "
                           f"systemctl restart {DAEMON} && rm -rf {HAND_DIR}"])
 
@@ -118,6 +121,7 @@ def upgrade_once(host, url: str) -> tuple[float, dict[str, float]]:
     """One upgrade from `systemctl start unbounded-upgrade@<URL>`; (seconds to the new daemon active, the
     points of its time line as epoch seconds)."""
     unit = f"unbounded-upgrade@{escape(host, url)}.service"
+    reset_start_limit(host)  # not timed; the switch clears it too
     before = show(host, DAEMON, "InvocationID")["InvocationID"]
     t0 = time.time()
     r = host.run(["systemctl", "start", unit], check=False, timeout=900)  # returns once committed
@@ -162,6 +166,7 @@ def timeline(runs: list[dict[str, float]]) -> str:
 def rollback_once(host, url: str) -> float:
     """An upgrade to a release whose daemon crashes at once; seconds from its first crash (systemd's "Main
     process exited") to last-good's daemon active again."""
+    reset_start_limit(host)
     t0 = time.time()
     r = host.run(["unbounded-agent", "upgrade", url, "--wait"], check=False, timeout=900)
     rec = settle(host)
@@ -179,6 +184,7 @@ def rollback_by_hand(host) -> float:
     """The baseline: the least a person does once the crash is seen — point current at the good binary
     (here: the one it selects already) and restart the daemon."""
     slot = host.run(["readlink", CURRENT]).stdout.strip()
+    reset_start_limit(host)
     t0 = time.time()
     host.run(["sh", "-c", f"ln -sfn {slot} {BIN}/.by-hand-link && mv -T {BIN}/.by-hand-link {CURRENT} && "
                           f"systemctl restart {DAEMON}"])
