@@ -6,7 +6,7 @@
 #   make test                    fast tests, the package tests and the systemd test-host tests (needs root)
 #   make demo                    boots a test host, installs the .deb and shows what a user sees
 #   make check                   ruff (lint) on lib/, tests/, demo/, bench/ and packaging/, then mypy on lib/
-#   make bench                   timings and peak memory (bench/bench_*.py)
+#   make bench                   timings and peak memory in one table (bench/bench.py; BENCH_RUNS=5)
 #   make e2e-cluster             the watcher against the cluster KUBECONFIG names
 SHELL := /bin/bash
 VERSION ?= $(shell cat VERSION)
@@ -114,9 +114,11 @@ demo: venv deb
 e2e-cluster: venv
 	UNBOUNDED_E2E_CLUSTER=1 $(VPY) -m pytest -rs tests/cluster
 
-# Speed and memory targets are measured here, never asserted in tests.
+# Speed and memory targets are measured here, never asserted in tests: one table, each figure the median of
+# BENCH_RUNS runs beside its baseline (bench/bench.py; BENCH_ARGS e.g. --only upgrade --write bench/results.md).
+BENCH_RUNS ?= 5
 bench: venv deb
-	@for b in bench/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+	$(VPY) bench/bench.py --runs $(BENCH_RUNS) $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(DIST) $(VENV)

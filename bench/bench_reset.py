@@ -1,65 +1,85 @@
 #!/usr/bin/env python3
-"""`make bench` (reset part): wall time of `unbounded-agent reset` with both machines running.
+"""The reset's figure: `unbounded-agent reset` with both machines (kube1, kube2) running, against the same
+removals typed by hand. Part of `make bench` (bench/bench.py); runs alone too:
 
-    python3 bench/bench_reset.py [--deb dist/unbounded-agent_<VERSION>_all.deb] [--runs 3]
+    python3 bench/bench_reset.py [--deb dist/unbounded-agent_<VERSION>_all.deb] [--runs 5]
 
-Boots a test host, installs the .deb, and for each run makes the host look bootstrapped (kube1 and
-kube2 running, links, keys, rules, routes, the agent), then times one full reset (queued by the CLI, run by
-the dispatcher: both phases, every step, daemon stop, verification). Also prints each step's
-own time from its report, and the time of a second reset on the clean host.
+Boots a test host, installs the .deb, and for each run makes the host look bootstrapped (kube1 and kube2
+running, links, keys, rules, routes, the agent; tests/support/bootstrapped_host.py), then times one full reset
+(queued by the CLI, run by the dispatcher: both phases, every step, the daemon's stop, the verification), from
+the CLI's start to its exit. The baseline makes the host bootstrapped again and removes the same items with a
+shell script (systemctl disable --now, umount, rm -rf, ip link/rule/route, daemon-reload); both must leave
+nothing of the fixture behind.
 """
 
+from __future__ import annotations
+
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TESTS = REPO / "tests" / "support"
-sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(REPO / "tests" / "support"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "lib"))
 
+import bootstrapped_host as bh  # noqa: E402
 import testhost_tree  # noqa: E402
-from bootstrapped_host import bootstrap, result_of, run_reset, snapshot  # noqa: E402
+from hostbench import Figure, table  # noqa: E402
 from testhost import boot_testhost  # noqa: E402
 
 
-def main() -> int:
-    root = REPO
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--deb", type=Path,
-                    default=root / "dist" / f"unbounded-agent_{(root / 'VERSION').read_text().strip()}_all.deb")
-    ap.add_argument("--runs", type=int, default=3)
-    args = ap.parse_args()
-    if not args.deb.is_file():
-        print(f"bench_reset: {args.deb} not found: run `make deb` first", file=sys.stderr)
-        return 2
-    walls, clean_walls = [], []
+def by_hand_script() -> str:
+    machines = [f"systemd-nspawn@{m}.service" for m in bh.AGENT_MACHINES]
+    lines = ["set -e", f"systemctl disable --now {' '.join(machines)}", f"umount {bh.BIND_TARGET}"]
+    lines += [f"ip link del {name}" for name in bh.AGENT_LINKS]
+    lines += [f"ip -{fam} rule del pref {pref} lookup {table}" for fam, table, pref, _ in bh.AGENT_RULES]
+    tables = sorted({t for _, t, _ in bh.AGENT_ROUTES})
+    lines += [f"ip -{fam} route flush table {t} 2>/dev/null || true" for t in tables for fam in "46"]
+    lines += ["systemctl disable --now unbounded-agent-daemon.service",
+              "rm -rf " + " ".join(p for p in bh.AGENT_FILES),
+              "systemctl daemon-reload"]
+    return "\n".join(lines)
+
+
+def measure(deb: Path, runs: int, log=print) -> list[Figure]:
+    walls, hand, clean = [], [], []
     with boot_testhost("bench-reset", testhost_tree.build_tree()) as host:
-        host.install_deb(args.deb)
-        for i in range(args.runs):
-            fx = bootstrap(host)
-            snap = snapshot(host)
-            assert snap["machine kube1"] and snap["machine kube2"], "both machines must run before the reset"
+        host.install_deb(deb)
+        for i in range(runs):
+            fx = bh.bootstrap(host)
             started = time.monotonic()
-            code, report, stderr = run_reset(host, toolset=True)
+            code, report, stderr = bh.run_reset(host, toolset=True)
             walls.append(time.monotonic() - started)
             if code != 0:
-                print(f"reset failed (exit {code}):\n{stderr}", file=sys.stderr)
-                return 1
-            left = fx.items - fx.gone(snapshot(host))
+                raise SystemExit(f"reset failed (exit {code}):\n{stderr}")
+            left = fx.items - fx.gone(bh.snapshot(host))
             assert not left, f"left after reset: {left}"
             steps = "  ".join(f"{s['step']} {s.get('seconds', 0):.2f}" for s in report["steps"])
-            res = result_of(host, report["run_id"])
-            print(f"run {i + 1}: reset wall time {walls[-1]:.2f} s (the CLI's {report['seconds']:.2f} s: "
-                  f"{res['queued_seconds']:.2f} s queued, {res['seconds']:.2f} s run by the dispatcher)\n"
-                  f"  steps (s): {steps}")
             started = time.monotonic()
-            code, _, _ = run_reset(host, toolset=True)
-            clean_walls.append(time.monotonic() - started)
-    print(f"reset with kube1+kube2 running: median {statistics.median(walls):.2f} s, "
-          f"min {min(walls):.2f} s, max {max(walls):.2f} s over {len(walls)} runs")
-    print(f"reset of an already clean host: median {statistics.median(clean_walls):.2f} s")
+            bh.run_reset(host, toolset=True)
+            clean.append(time.monotonic() - started)
+
+            fx = bh.bootstrap(host)
+            started = time.monotonic()
+            host.run(["sh", "-c", by_hand_script()], timeout=600)
+            hand.append(time.monotonic() - started)
+            left = fx.items - fx.gone(bh.snapshot(host))
+            assert not left, f"left after the reset by hand: {left}"
+            log(f"  run {i + 1}: reset {walls[-1]:.2f} s (steps, s: {steps}), by hand {hand[-1]:.2f} s")
+    return [Figure("reset, kube1 + kube2 running: CLI start → exit", "s", walls,
+                   "by hand: disable --now, umount, rm -rf, ip, daemon-reload", hand),
+            Figure("second reset of a clean host (a no-op)", "s", clean)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deb", type=Path,
+                    default=REPO / "dist" / f"unbounded-agent_{(REPO / 'VERSION').read_text().strip()}_all.deb")
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    print(table(measure(args.deb, args.runs)))
     return 0
 
 

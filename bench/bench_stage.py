@@ -19,6 +19,7 @@ import random
 import resource
 import shutil
 import ssl
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -154,6 +155,46 @@ def run_child(*extra: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def stage_rows(sizes: list[int], directory: Path, keep: bool = False, runs: int = 1) -> list[tuple]:
+    """(name, download s, extract s, total s, peak RSS KiB, member check) per size, medians over runs; the
+    first row is the import-only floor."""
+    serve_dir = directory / "serve"
+    serve_dir.mkdir(parents=True, exist_ok=True)
+    archives = {size: archive_for(serve_dir, size) for size in sizes}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pki-", dir=directory) as pki:
+        ca, cert, key = make_pki(Path(pki))
+        server = serve(serve_dir, cert, key)
+        try:
+            floor = [run_child()["peak_rss_kib"] for _ in range(runs)]
+            rows.append(("imports only", "-", "-", "-", statistics.median(floor), "", floor))
+            for size in sizes:
+                path, member_sha = archives[size]
+                results = []
+                for _ in range(runs):
+                    work = Path(tempfile.mkdtemp(prefix="stage-", dir=directory))
+                    try:
+                        url = f"https://localhost:{server.server_address[1]}/{path.name}"
+                        results.append(run_child("--url", url, "--ca", ca, "--work", str(work), "--size", str(size * MB)))
+                    finally:
+                        shutil.rmtree(work)
+                ok = "ok" if all(r["member_sha256"] == member_sha for r in results) else "CONTENT MISMATCH"
+                dl = statistics.median(r["download_s"] for r in results)
+                ex = statistics.median(r["extract_s"] for r in results)
+                peaks = [r["peak_rss_kib"] for r in results]
+                rows.append((f"{path.stat().st_size / MB:.0f} MB archive", f"{dl:.2f}", f"{ex:.2f}", f"{dl + ex:.2f}",
+                             statistics.median(peaks), ok, peaks))
+        finally:
+            server.shutdown()
+    if not keep:
+        shutil.rmtree(serve_dir)
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # holds something of the user's: leave it
+    return rows
+
+
 # --- main --------------------------------------------------------------------------------------------
 
 
@@ -162,6 +203,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="50,500", help="archive sizes in MB, comma-separated")
     ap.add_argument("--dir", default="/var/tmp/unbounded-agent-bench", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the built archives for the next run")
+    ap.add_argument("--runs", type=int, default=1, help="runs per size (medians are shown)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--ca", help=argparse.SUPPRESS)
@@ -173,38 +215,9 @@ def main() -> int:
         return 0
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    serve_dir = args.dir / "serve"
-    serve_dir.mkdir(parents=True, exist_ok=True)
-    archives = {size: archive_for(serve_dir, size) for size in sizes}
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="pki-", dir=args.dir) as pki:
-        ca, cert, key = make_pki(Path(pki))
-        server = serve(serve_dir, cert, key)
-        try:
-            baseline = run_child()
-            rows.append(("imports only", "-", "-", "-", baseline["peak_rss_kib"], ""))
-            for size in sizes:
-                path, member_sha = archives[size]
-                work = Path(tempfile.mkdtemp(prefix="stage-", dir=args.dir))
-                try:
-                    url = f"https://localhost:{server.server_address[1]}/{path.name}"
-                    r = run_child("--url", url, "--ca", ca, "--work", str(work), "--size", str(size * MB))
-                finally:
-                    shutil.rmtree(work)
-                ok = "ok" if r["member_sha256"] == member_sha else "CONTENT MISMATCH"
-                rows.append((f"{path.stat().st_size / MB:.0f} MB archive", f"{r['download_s']:.2f}",
-                             f"{r['extract_s']:.2f}", f"{r['download_s'] + r['extract_s']:.2f}", r["peak_rss_kib"], ok))
-        finally:
-            server.shutdown()
-    if not args.keep:
-        shutil.rmtree(serve_dir)
-        try:
-            args.dir.rmdir()
-        except OSError:
-            pass  # holds something of the user's: leave it
-
+    rows = stage_rows(sizes, args.dir, args.keep, runs=args.runs)
     print(f"{'':<18}{'download s':>11}{'extract s':>11}{'total s':>9}{'peak RSS MiB':>14}  member")
-    for name, dl, ex, total, rss, ok in rows:
+    for name, dl, ex, total, rss, ok, _ in rows:
         print(f"{name:<18}{dl:>11}{ex:>11}{total:>9}{rss / 1024:>14.1f}  {ok}")
     peaks = [r[4] for r in rows[1:]]
     if len(peaks) > 1:

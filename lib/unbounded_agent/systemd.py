@@ -197,6 +197,7 @@ def service_snapshot(name: str) -> dict:
                 "exec_main_code": _CLD.get(code, str(code) if code else None),
                 "exec_main_status": int(svc.ExecMainStatus),
                 "exec_main_pid": int(svc.ExecMainPID),
+                "status_text": _text(svc.StatusText),  # the service's own STATUS= (sd_notify), "" if none
                 "load_state": _text(unit.Unit.LoadState),
                 # CLOCK_MONOTONIC seconds when this run left "inactive" (its start), 0 if never started
                 "started_monotonic": int(unit.Unit.InactiveExitTimestampMonotonic) / 1e6,

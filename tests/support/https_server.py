@@ -9,6 +9,12 @@ download tests need:
     /redirect/<name>        302 to /<name> on the same server
     /status/<code>          an empty response with that status, e.g. /status/404
     /truncate/<name>        announces the file's full length, sends half, closes
+    /short-length/<name>    announces half the file's length, sends all of it (a Content-Length lying short)
+    /stall-body/<name>      the headers of the file, then nothing (for STALL_SECONDS)
+    /trickle/<name>         the file, one byte every TRICKLE_SECONDS
+    /loop/<n>               302 to /loop/<1-n>: a redirect loop
+    /huge-length            announces 10**15 bytes, sends none
+    /negative-length        Content-Length: -1
 
 Standard library only; it notifies systemd (Type=notify) once both ports listen.
 """
@@ -20,6 +26,10 @@ import socket
 import ssl
 import threading
 from functools import partial
+
+STALL_SECONDS = 600  # far longer than any download deadline a test sets
+TRICKLE_SECONDS = 0.1  # far shorter than any read timeout a test sets
+STOP = threading.Event()  # set to end stalls and trickles at once (a server run inside the tests' process)
 
 
 class DualStackServer(http.server.ThreadingHTTPServer):
@@ -68,9 +78,49 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             self.end_headers()
         elif path.startswith("/truncate/"):
             self._truncated(path[len("/truncate/"):])
+        elif path.startswith("/short-length/"):
+            self._hostile(path[len("/short-length/"):], lambda n: n // 2, lambda data: self.wfile.write(data))
+        elif path.startswith("/stall-body/"):
+            self._hostile(path[len("/stall-body/"):], lambda n: n, lambda data: STOP.wait(STALL_SECONDS))
+        elif path.startswith("/trickle/"):
+            self._hostile(path[len("/trickle/"):], lambda n: n, self._trickle)
+        elif path.startswith("/loop/"):
+            self._redirect(f"/loop/{1 - int(path[len('/loop/'):])}")
+        elif path in ("/huge-length", "/negative-length"):
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**15 if path == "/huge-length" else -1))
+            self.end_headers()
+            self.close_connection = True
         else:
             return False
         return True
+
+    def _hostile(self, name: str, announce, send) -> None:
+        """The file's headers with Content-Length announce(size), then send(data) for the body."""
+        file = self.translate_path("/" + name)
+        if not os.path.isfile(file):
+            self.send_error(404)
+            return
+        with open(file, "rb") as f:
+            data = f.read()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(announce(len(data))))
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        if self.command != "HEAD":
+            try:
+                send(data)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass  # the client gave up, as it should
+
+    def _trickle(self, data: bytes) -> None:
+        for i in range(len(data)):
+            self.wfile.write(data[i : i + 1])
+            self.wfile.flush()
+            if STOP.wait(TRICKLE_SECONDS):
+                return
 
     def _redirect(self, location: str) -> None:
         self.send_response(302)

@@ -34,6 +34,8 @@ DAEMON_BEHAVIOUR = {
                    "print('fatal: crashed after ready (simulated)', file=sys.stderr, flush=True); sys.exit(4)",
     "never-ready": "print('starting, never ready', flush=True); time.sleep(1e9)",
     "segfault": "notify('READY=1'); time.sleep({seconds}); os.kill(os.getpid(), signal.SIGSEGV)",
+    # ready and healthy, but claiming (as the real daemon's STATUS= does) another version than `version` prints
+    "liar": "notify('READY=1\\nSTATUS=unbounded-agent 0.0.1-liar: connected'); time.sleep(1e9)",
     # ready, then exit 1 some seconds later, every run: long enough to pass probation, too short to live
     "late-crash": "notify('READY=1'); print('ready', flush=True); time.sleep({seconds}); "
                   "print('fatal: crashed late (simulated)', file=sys.stderr, flush=True); sys.exit(1)",

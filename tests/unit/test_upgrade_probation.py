@@ -31,7 +31,7 @@ def crashed(status=3, **kw):
             "exec_main_code": "exited", "exec_main_status": status, **kw}
 
 
-def watch(cfg, snaps, clock_start=0.0):
+def watch(cfg, snaps, clock_start=0.0, expected_version=None):
     """probation.watch over a script of snapshots (the last repeats; an exception in it is raised, as a D-Bus
     error would be) and a clock that moves only by sleeps."""
     seq = [s if isinstance(s, Exception) else dict(BASE, **s) for s in snaps]
@@ -43,7 +43,8 @@ def watch(cfg, snaps, clock_start=0.0):
             raise item
         return item
 
-    return probation.watch(cfg, "old", snapshot=snapshot, clock=lambda: t[0], sleep=lambda s: t.__setitem__(0, t[0] + s))
+    return probation.watch(cfg, "old", snapshot=snapshot, clock=lambda: t[0], sleep=lambda s: t.__setitem__(0, t[0] + s),
+                           expected_version=expected_version)
 
 
 READY = {"invocation": "new", "active_state": "active"}
@@ -152,6 +153,35 @@ def test_watch_reports_a_daemon_that_never_gets_ready(cfg):
     failure, _ = watch(cfg, [{"invocation": "new", "active_state": "activating", "sub_state": "start", "job": 1}])
     assert "did not report ready within 2 s" in failure.detail and "activating/start" in failure.detail
     assert failure.exit_code is None and failure.text() == failure.detail and failure.cause == probation.NOT_READY
+
+
+@pytest.mark.parametrize("status", [
+    "unbounded-agent 2.0.0: connected to the API server",
+    "unbounded-agent 2.0.0",
+    "",  # an agent that sends no STATUS= claims nothing
+    "another daemon's status line",
+])
+def test_watch_passes_a_daemon_that_claims_the_version_it_printed_or_none(cfg, status):
+    assert watch(cfg, [{"invocation": "new", "active_state": "active", "status_text": status}],
+                 expected_version="2.0.0") is None
+
+
+@pytest.mark.parametrize("snaps", [
+    [{"invocation": "new", "active_state": "active", "status_text": "unbounded-agent 1.0.0: ready"}],
+    # honest at ready, then claims another version during the window
+    [{"invocation": "new", "active_state": "active", "status_text": "unbounded-agent 2.0.0: ready"},
+     {"invocation": "new", "active_state": "active", "status_text": "unbounded-agent 1.0.0: ready"}],
+])
+def test_watch_reports_a_daemon_that_claims_another_version_than_it_printed(cfg, snaps):
+    failure, invocation = watch(cfg, snaps, expected_version="2.0.0")
+    assert failure.cause == probation.VERSION_MISMATCH and invocation == "new"
+    assert "claims version '1.0.0'" in failure.detail and "printed '2.0.0'" in failure.detail
+
+
+@pytest.mark.parametrize("text, version", [("unbounded-agent 2.0.0: x", "2.0.0"), ("unbounded-agent 2.0.0", "2.0.0"),
+                                           ("unbounded-agent ", None), ("unbounded-agent: x", None), (None, None)])
+def test_claimed_version_reads_the_status_line(text, version):
+    assert probation.claimed_version(text) == version
 
 
 # -- the step -----------------------------------------------------------------------------------------------

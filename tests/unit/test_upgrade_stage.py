@@ -174,7 +174,7 @@ def test_a_failure_after_last_good_moved_points_it_back(cfg, tmp_path, release, 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OpsError) as e:
         stage.run(cfg, "upgrade-third")
-    assert e.value.reason == Reason.EXECUTION_FAILED and "No space left on device" in e.value.message
+    assert e.value.reason == Reason.INSUFFICIENT_SPACE and "No space left on device" in e.value.message
     assert moved == [layout.BLUE]  # last-good did follow current before the slot was written
     assert lay.link_target(layout.LAST_GOOD) == layout.GREEN and lay.link_target(layout.CURRENT) == layout.BLUE
     assert lay.path(layout.GREEN).read_bytes() == agent_body("2.0.0") and hidden_files(lay) == []

@@ -105,6 +105,14 @@ def has_selector(op: dict) -> bool:
     return (op.get("spec") or {}).get("machineSelector") is not None
 
 
+def _names(keys: list[str], most: int = 10) -> str:
+    """Parameter names for a message: a few, each short and printable (they come from whoever wrote the
+    operation, and the message goes to the journal, the status and an Event)."""
+    shown = [key if key.isprintable() and len(key) <= 64 else repr(key[:64]) for key in keys[:most]]
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return ", ".join(shown) + more
+
+
 def check_parameters(op: dict, allow_http: bool) -> dict:
     """The operation's parameters, checked; OpsError(InvalidParameters) with a redacted message otherwise.
 
@@ -119,12 +127,12 @@ def check_parameters(op: dict, allow_http: bool) -> dict:
     params = parameters(op)
     bad = sorted(str(key) for key, value in params.items() if not isinstance(value, str))
     if bad:
-        raise OpsError(Reason.INVALID_PARAMETERS, f"parameters must be strings: {', '.join(bad)}")
+        raise OpsError(Reason.INVALID_PARAMETERS, f"parameters must be strings: {_names(bad)}")
     unknown = sorted(set(params) - PARAMETERS[k])
     if unknown:
         allowed = ", ".join(sorted(PARAMETERS[k])) or "none"
         raise OpsError(Reason.INVALID_PARAMETERS,
-                       f"unknown parameter(s) for {k}: {', '.join(unknown)} (allowed: {allowed})")
+                       f"unknown parameter(s) for {k}: {_names(unknown)} (allowed: {allowed})")
     if k == AGENT_UPGRADE:
         url = urls.validate(params.get("downloadURL", ""), allow_http=allow_http)
         force = params.get("force", "false").strip().lower()

@@ -2,8 +2,10 @@
 
 Healthy means: a new invocation of ``unbounded-agent-daemon.service`` reaches ``active`` (Type=notify: the
 binary itself reported READY=1) within ``readyTimeoutSeconds`` of its own start, then stays active with the
-same invocation, MainPID and NRestarts for ``probationSeconds``. Then the upgrade is committed. A crash
-before or after ready, or no readiness in time, records the failure and starts
+same invocation, MainPID and NRestarts for ``probationSeconds``, never claiming (in its sd_notify
+``STATUS=``, as ``unbounded-agent <version>: ...``) another version than its ``version`` printed in preflight.
+Then the upgrade is committed. A crash before or after ready, no readiness in time, or a version that is not
+the one checked, records the failure and starts
 ``unbounded-agent-daemon-recovery.service``. This does not depend on when systemd fires ``OnFailure=``
 (which changed between versions).
 
@@ -32,6 +34,7 @@ from .record import (
     RESTARTED_FROM_OUTSIDE,
     STOPPED,
     UNRECORDED,
+    VERSION_MISMATCH,
     Failure,
     Probation,
     Store,
@@ -42,6 +45,8 @@ POLL_SECONDS = 0.2
 MAX_ATTEMPTS = 3  # probation started this often (killed, host stopped) → treat as failed
 JOURNAL_LINES = 20
 DBUS_GRACE_SECONDS = 30.0  # systemd unreachable for this long: probation gives up and runs again
+
+STATUS_PREFIX = "unbounded-agent "  # the daemon's STATUS= begins with its name and version
 
 Verdict = tuple[Failure, str | None]
 AGAIN = "again"  # a watch step's outcome: restarted from outside, watch the next run
@@ -96,8 +101,9 @@ def _state(s: dict) -> str:
 class _Watch:
     """One probation watch: the new run, its readiness, its stable window; again after a restart from outside."""
 
-    def __init__(self, cfg: Config, old_invocation: str | None, snapshot, clock, sleep):
+    def __init__(self, cfg: Config, old_invocation: str | None, snapshot, clock, sleep, expected_version=None):
         self.cfg, self.old, self.snapshot, self.clock, self.sleep = cfg, old_invocation, snapshot, clock, sleep
+        self.expected_version = expected_version
         self.rewatches = 0
         self.unreachable_since: float | None = None
 
@@ -176,7 +182,7 @@ class _Watch:
                         s["active_state"] == "deactivating" and (s["result"] != "success" or not s["job"])):
                     return None, daemon_failure(s, "the new daemon exited before it reported ready", EXITED_BEFORE_READY)
                 if s["active_state"] == "active" and not s["job"]:
-                    return s, None
+                    return s, _lies(s, self.expected_version)
                 if s["active_state"] in ("deactivating", "inactive"):  # a stop asked from outside
                     return self.again(inv, "the daemon was stopped from outside while it started")
                 if self.clock() >= deadline:
@@ -196,6 +202,8 @@ class _Watch:
             if s is None:
                 continue  # a crash meanwhile shows in the next snapshot, which the window's end waits for
             if s["active_state"] == "active" and (s["invocation"], s["main_pid"], s["n_restarts"]) == base:
+                if (lie := _lies(s, self.expected_version)) is not None:
+                    return lie
                 if self.clock() >= end:
                     return None
                 continue
@@ -208,12 +216,31 @@ class _Watch:
             return daemon_failure(s, f"the new daemon stopped during probation (state {_state(s)})", STOPPED)
 
 
+def claimed_version(status_text: str | None) -> str | None:
+    """The version a daemon claims in its STATUS= ("unbounded-agent 2.0.0: connected ..."), or None."""
+    if not status_text or not status_text.startswith(STATUS_PREFIX):
+        return None
+    words = status_text[len(STATUS_PREFIX):].split(maxsplit=1)
+    version = words[0].rstrip(":") if words else ""
+    return version or None
+
+
+def _lies(snap: dict, expected: str | None) -> Verdict | None:
+    """A daemon claiming another version than the binary's `version` printed: what runs is not what was
+    checked and recorded (the Machine's agent-version annotation and the operation's message would disagree)."""
+    claimed = claimed_version(snap.get("status_text"))
+    if expected is None or claimed is None or claimed == expected:
+        return None
+    return daemon_failure(snap, f"the new daemon claims version {claimed[:64]!r} in its status, but its `version` "
+                                f"printed {expected[:64]!r}", VERSION_MISMATCH)
+
+
 def watch(cfg: Config, old_invocation: str | None, snapshot=None, clock=time.monotonic,
-          sleep=time.sleep) -> Verdict | None:
+          sleep=time.sleep, expected_version: str | None = None) -> Verdict | None:
     """Watch the daemon: None when healthy for the whole window, else the failure and its invocation.
     SystemdError when systemd could not be asked for DBUS_GRACE_SECONDS."""
     snapshot = snapshot or (lambda: systemd.service_snapshot(systemd.DAEMON_UNIT))
-    return _Watch(cfg, old_invocation, snapshot, clock, sleep).run()
+    return _Watch(cfg, old_invocation, snapshot, clock, sleep, expected_version).run()
 
 
 def run(cfg: Config) -> UpgradeRecord | None:
@@ -240,7 +267,7 @@ def run(cfg: Config) -> UpgradeRecord | None:
     else:
         holdpoint.hold(store.dir, "probation-watching")
         try:
-            verdict = watch(cfg, prob.old_invocation)
+            verdict = watch(cfg, prob.old_invocation, expected_version=rec.to.version if rec.to else None)
         except systemd.SystemdError as e:  # no verdict: the record stays on probation and is watched again
             raise OpsError(Reason.EXECUTION_FAILED, f"cannot watch the daemon: {e}; probation runs again") from None
     return decide(store, id, verdict)

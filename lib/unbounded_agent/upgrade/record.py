@@ -74,11 +74,11 @@ class Probation:
 
 # Failure.cause: why an upgrade was rolled back, in one word each (the label of the rollbacks metric)
 EXITED_BEFORE_READY, NOT_READY, STOPPED = "ExitedBeforeReady", "NotReady", "StoppedOnProbation"
-INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD = "ProbationInterrupted", "Unwatchable", "FailedUnderSystemd"
+INTERRUPTED, FAILED_UNDER_SYSTEMD = "ProbationInterrupted", "FailedUnderSystemd"
 NOT_STARTED, RESTARTED_FROM_OUTSIDE, UNRECORDED = "NotStarted", "RestartedFromOutside", "Unrecorded"
-CRASHED_AFTER_COMMIT = "CrashedAfterCommit"
-CAUSES = (EXITED_BEFORE_READY, NOT_READY, STOPPED, INTERRUPTED, UNWATCHABLE, FAILED_UNDER_SYSTEMD, NOT_STARTED,
-          RESTARTED_FROM_OUTSIDE, UNRECORDED, CRASHED_AFTER_COMMIT)
+CRASHED_AFTER_COMMIT, VERSION_MISMATCH = "CrashedAfterCommit", "VersionMismatch"
+CAUSES = (EXITED_BEFORE_READY, NOT_READY, STOPPED, INTERRUPTED, FAILED_UNDER_SYSTEMD, NOT_STARTED,
+          RESTARTED_FROM_OUTSIDE, UNRECORDED, CRASHED_AFTER_COMMIT, VERSION_MISMATCH)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,8 @@ For a rollback the candidate is the binary last-good points to: nothing is downl
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 import tempfile
@@ -58,10 +60,14 @@ def run(cfg: Config, id: str) -> UpgradeRecord:
         restore_last_good(lay, rec)
         raise OpsError(e.reason, msg) from None
     except Exception as e:
-        msg = _redacting(url, f"internal error while staging: {type(e).__name__}: {e}")
-        store.finish(rec, record.FAILED, Reason.EXECUTION_FAILED, msg)
+        reason, msg = Reason.EXECUTION_FAILED, f"internal error while staging: {type(e).__name__}: {e}"
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # e.g. the record's progress, written while the download fills the state dir's disk
+            reason, msg = Reason.INSUFFICIENT_SPACE, f"cannot write the upgrade's state while staging: {e.strerror}"
+        msg = _redacting(url, msg)
+        store.finish(rec, record.FAILED, reason, msg)
         restore_last_good(lay, rec)
-        raise OpsError(Reason.EXECUTION_FAILED, msg) from None
+        raise OpsError(reason, msg) from None
 
 
 def _remove_stage_temps(lay: layout.Layout) -> None:
@@ -149,6 +155,21 @@ def gzip_isize(f) -> int | None:
         f.seek(0)
 
 
+@contextlib.contextmanager
+def _scratch_file(directory) -> typing.Iterator[typing.BinaryIO]:
+    """An unnamed temp file (O_TMPFILE): the kernel frees it whatever kills us. Its close never raises: the
+    file is discarded, and the flush of a full disk's last buffered bytes must not replace the error that
+    stopped the download (InsufficientSpace) with a bare OSError."""
+    f = tempfile.TemporaryFile(dir=directory, prefix=".archive-")
+    try:
+        yield f
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass
+
+
 def _stage_download(store: Store, lay: layout.Layout, rec: UpgradeRecord, url: str, sha256: str | None) -> UpgradeRecord:
     from .. import archive, download, urls
 
@@ -176,10 +197,15 @@ def _stage_download(store: Store, lay: layout.Layout, rec: UpgradeRecord, url: s
         if t - last_write[0] >= 0.5 or (total is not None and received >= total):
             last_write[0] = t
             rec.progress = Download(received, total)
-            store.write(rec)
+            try:
+                store.write(rec)
+            except OSError as e:
+                # The archive filling the state dir's disk: let the archive's own write say so (InsufficientSpace)
+                # rather than fail on what is only a progress report.
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
 
-    # An unnamed temp file (O_TMPFILE): the kernel frees it whatever kills us.
-    with tempfile.TemporaryFile(dir=cfg.state_dir, prefix=".archive-") as f:
+    with _scratch_file(cfg.state_dir) as f:
         archive_sha = download.download(url, f, limits=download.Limits.from_config(cfg), expected_sha256=expected,
                                         progress=progress)
         f.flush()
