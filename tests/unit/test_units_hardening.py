@@ -43,3 +43,10 @@ def test_the_steps_that_unmount_share_the_hosts_mounts():
     for name in HOST_MOUNTS:
         keys = set(re.findall(r"^(\w+)=", (UNITS / name).read_text(), re.M))
         assert keys.isdisjoint(NAMESPACING), (name, keys & set(NAMESPACING))
+
+
+def test_the_unit_named_by_a_url_has_no_directory_named_after_it():
+    """PrivateTmp= makes /tmp/systemd-private-<boot id>-<unit name>-<random>: with an instance name near systemd's
+    limit (a long URL) that name is too long for the file system, and the unit cannot start at all."""
+    keys = set(re.findall(r"^(\w+)=", (UNITS / "unbounded-upgrade@.service").read_text(), re.M))
+    assert "PrivateTmp" not in keys and "TemporaryFileSystem" in keys
