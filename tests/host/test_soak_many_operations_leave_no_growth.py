@@ -94,10 +94,36 @@ def measure(host) -> dict:
     }
 
 
-def operate(host, kind: str) -> float | None:
-    """Run one operation of the cycle as a user types it and check its outcome; an upgrade's time
-    (requested → probation, from its record) for the good upgrades."""
-    before = look(host)
+def cgroup_flake(host, id: str, res: dict) -> bool:
+    """The nested test host's systemd sometimes cannot set up a unit's cgroup under load (status=219/CGROUP
+    after "Failed to kill control group ... Input/output error"): a step of the chain never ran and the
+    operation ended ExecutionFailed. An artefact of the test host, not of the product."""
+    if res["succeeded"] or res["reason"] != "ExecutionFailed":
+        return False
+    text = host.run(["journalctl", "--no-pager", "-o", "cat", "-u", f"unbounded-upgrade-*@{id}.service"]).stdout
+    return "219/CGROUP" in text
+
+
+def operate(host, kind: str, flakes: list[str]) -> float | None:
+    """Run one operation of the cycle as a user types it and check its outcome (again, a bounded number of
+    times, when the test host's cgroup flake stopped it); an upgrade's time (requested → probation, from its
+    record) for the good upgrades."""
+    for _ in range(3):
+        before = look(host)
+        r, id = run(host, kind)
+        rec = settle(host)
+        after = look(host)
+        res = result(host, id)
+        if res is not None and cgroup_flake(host, id, res):
+            # what the product promises all the same: an operation stopped before its switch changes nothing
+            assert (after["current_sha"], after["daemon_state"]) == (before["current_sha"], "active"), res
+            flakes.append(f"{kind} {id}")
+            continue
+        return check(host, kind, r, id, rec, res, before, after)
+    raise AssertionError(f"{kind}: the test host's cgroup flake three times in a row: {flakes[-3:]}")
+
+
+def run(host, kind: str):
     if kind == "upgrade":
         r = upgrade(host, host.urls["good"], "--wait")
     elif kind == "same":
@@ -108,10 +134,10 @@ def operate(host, kind: str) -> float | None:
         r = upgrade(host, host.urls["good"], "--sha256", WRONG_SHA256, "--wait")
     else:
         r = upgrade(host, host.urls["crash"], "--force", "--wait")
-    id = request_id(r)
-    rec = settle(host)
-    after = look(host)
-    res = result(host, id)
+    return r, request_id(r)
+
+
+def check(host, kind: str, r, id: str, rec: dict, res: dict | None, before: dict, after: dict) -> float | None:
     what = f"{kind} {id}:\n{r.stdout}{r.stderr}"
     assert res is not None and after["daemon_state"] == "active", what
     if kind in ("upgrade", "same", "rollback"):
@@ -145,19 +171,21 @@ def test_many_operations_leave_no_growth(host, capsys):
     installed = look(host)["version"]
     times: list[float] = []
     start: dict = {}
+    flakes: list[str] = []
     for n in range(OPERATIONS):
         kind = CYCLE[n % len(CYCLE)]
-        took = operate(host, kind)
+        took = operate(host, kind, flakes)
         if took is not None:
             times.append(took)
         if n == len(CYCLE) - 1:  # the warm-up cycle is done
-            start = measure(host)
+            start, flakes_in_warm_up = measure(host), len(flakes)
     end = measure(host)
     assert look(host)["version"] == installed
     report = [f"soak: {OPERATIONS} operations ({OPERATIONS // len(CYCLE)} cycles of {', '.join(CYCLE)})",
               f"  after the warm-up: {json.dumps(start)}", f"  at the end:       {json.dumps(end)}",
               "  " + show("first ten upgrade times (requested → probation)", times[:10]),
-              "  " + show("last ten upgrade times (requested → probation)", times[-10:])]
+              "  " + show("last ten upgrade times (requested → probation)", times[-10:]),
+              f"  run again after the test host's cgroup flake: {flakes or 'none'}"]
     with capsys.disabled():
         print("\n" + "\n".join(report))
     grown = {k: (start[k], end[k]) for k in start if k not in ("daemon_rss_kib", "state_bytes", "state_file_bytes", "results",
@@ -168,7 +196,7 @@ def test_many_operations_leave_no_growth(host, capsys):
     assert end["daemon_rss_kib"] <= start["daemon_rss_kib"] + RSS_ALLOWANCE_KIB, (start, end)
     assert abs(end["state_bytes"] - start["state_bytes"]) <= STATE_BYTES_ALLOWANCE, (start, end)
     # results/ keeps one result per operation, by design, up to its cap (the spool prunes the oldest)
-    done = OPERATIONS - len(CYCLE)
+    done = OPERATIONS - len(CYCLE) + len(flakes) - flakes_in_warm_up  # an operation run again has two results
     assert end["results"] == min(start["results"] + done, KEEP_RESULTS)
     # ... each of a bounded size: the same mix of operations, results of the same size on average
     assert end["results_bytes"] / end["results"] <= 1.25 * start["results_bytes"] / start["results"], (start, end)
