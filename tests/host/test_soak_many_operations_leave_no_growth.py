@@ -27,6 +27,7 @@ import releases
 from upgrade_host import OPS, RESULTS, STATE, daemon, look, prepare, request_id, result, rollback, settle, upgrade
 
 from unbounded_agent.queue.spool import KEEP_RESULTS
+from unbounded_agent.upgrade.crashes import EXITS_FILE, KEEP
 
 pytestmark = pytest.mark.testhost
 
@@ -88,6 +89,7 @@ def measure(host) -> dict:
         "results_bytes": count(host, f"du -sb {RESULTS} | cut -f1"),
         "spool": count(host, f"find {OPS}/spool -type f | wc -l"),
         "rejected": count(host, f"find {OPS} -path '{OPS}/rejected/*' -type f | wc -l"),
+        "daemon_exits": len(json.loads(host.read(f"{STATE}/{EXITS_FILE}")).get("exits", [])),
         "quarantine": len(json.loads(quarantine.read_text()).get("entries", [])) if quarantine.exists() else 0,
         "units": len(units),
         "failed_units": [line.split()[0] for line in failed],
@@ -188,13 +190,19 @@ def test_many_operations_leave_no_growth(host, capsys):
               f"  run again after the test host's cgroup flake: {flakes or 'none'}"]
     with capsys.disabled():
         print("\n" + "\n".join(report))
-    grown = {k: (start[k], end[k]) for k in start if k not in ("daemon_rss_kib", "state_bytes", "state_file_bytes", "results",
+    grown = {k: (start[k], end[k]) for k in start if k not in ("daemon_rss_kib", "state_bytes", "state_file_bytes", "daemon_exits", "ops_bytes_but_results", "results",
                                                                "results_bytes") and start[k] != end[k]}
     # descriptors, file counts, the spool, the quarantine, loaded and failed units: exactly as after the warm-up
     assert not grown, grown
     assert end["failed_units"] == [] and end["spool"] == 0 and end["rejected"] == 0
     assert end["daemon_rss_kib"] <= start["daemon_rss_kib"] + RSS_ALLOWANCE_KIB, (start, end)
-    assert abs(end["state_bytes"] - start["state_bytes"]) <= STATE_BYTES_ALLOWANCE, (start, end)
+    # daemon-exits.json remembers the daemon's last exits, by design, up to its cap (one more per crash here)
+    assert end["daemon_exits"] <= KEEP, (start, end)
+    exits_bytes = {when: int(m["state_file_bytes"][EXITS_FILE]) for when, m in (("start", start), ("end", end))}
+    assert abs(end["state_bytes"] - exits_bytes["end"] - start["state_bytes"] + exits_bytes["start"]) \
+        <= STATE_BYTES_ALLOWANCE, (start, end)
+    # the ops dir's other files hold counters: a digit more now and then, never a file
+    assert abs(end["ops_bytes_but_results"] - start["ops_bytes_but_results"]) <= 1024, (start, end)
     # results/ keeps one result per operation, by design, up to its cap (the spool prunes the oldest)
     done = OPERATIONS - len(CYCLE) + len(flakes) - flakes_in_warm_up  # an operation run again has two results
     assert end["results"] == min(start["results"] + done, KEEP_RESULTS)
