@@ -6,6 +6,8 @@
 #   make test                    fast tests, the package tests and the systemd test-host tests (needs root)
 #   make demo                    boots a test host, installs the .deb and shows what a user sees
 #   make check                   ruff (lint) on lib/, tests/, demo/, bench/ and packaging/, then mypy on lib/
+#   make soak                    100 operations in a row on one test host, asserting nothing grows (SOAK_OPS=100;
+#                                `make test` runs the same soak with 15)
 #   make bench                   timings and peak memory in one table (bench/bench.py; BENCH_RUNS=5)
 #   make e2e-cluster             the watcher against the cluster KUBECONFIG names
 SHELL := /bin/bash
@@ -24,7 +26,7 @@ RPM_PYTHON3_VERSION ?=
 # rpmbuild sees the build host's clock in the changelog unless SOURCE_DATE_EPOCH pins it.
 RPM_CHANGELOG_DATE := $(shell LC_ALL=C date -u $(if $(SOURCE_DATE_EPOCH),-d @$(SOURCE_DATE_EPOCH)) '+%a %b %d %Y')
 
-.PHONY: all setup release deb rpm man venv check test test-fast test-package testhost-tree demo bench e2e-cluster clean
+.PHONY: all setup release deb rpm man venv check test test-fast test-package testhost-tree demo soak bench e2e-cluster clean
 
 all: deb
 
@@ -113,6 +115,12 @@ demo: venv deb
 # The watcher's end-to-end tests against the real cluster KUBECONFIG names (skipped when unset).
 e2e-cluster: venv
 	UNBOUNDED_E2E_CLUSTER=1 $(VPY) -m pytest -rs tests/cluster
+
+# A long series of upgrades, no-ops, rollbacks and failed upgrades on one test host: descriptors, RSS, disk,
+# units and failed units measured after a warm-up and at the end (tests/host/test_soak_*; a multiple of 5).
+SOAK_OPS ?= 100
+soak: venv deb
+	UNBOUNDED_TESTS_DEB_FRESH=1 UNBOUNDED_SOAK_OPS=$(SOAK_OPS) $(VPY) -m pytest tests/host/test_soak_many_operations_leave_no_growth.py
 
 # Speed and memory targets are measured here, never asserted in tests: one table, each figure the median of
 # BENCH_RUNS runs beside its baseline (bench/bench.py; BENCH_ARGS e.g. --only upgrade --write bench/results.md).

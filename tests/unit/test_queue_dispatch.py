@@ -13,6 +13,7 @@ from unbounded_agent.queue.spool import Request, Spool
 from unbounded_agent.reasons import OpsError, Reason
 from unbounded_agent.reset import api as reset_api
 from unbounded_agent.upgrade import api as upgrade_api
+from unbounded_agent.upgrade import units as upgrade_units
 from unbounded_agent.upgrade.record import Binary, UpgradeRecord
 
 
@@ -30,8 +31,10 @@ def spool(tmp_path, monkeypatch):
 class FakeOperations:
     """upgrade.api.run and reset.api.run as the dispatcher calls them, recording who held the host."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, spool):
         self.ran: list[tuple[str, str | None]] = []
+        self.forgotten: list[tuple[str, bool]] = []  # (id, its result already written)
+        monkeypatch.setattr(upgrade_units, "forget", lambda id: self.forgotten.append((id, spool.result(id) is not None)))
         self.upgrade_outcome = "committed"
         self.fail_with: Exception | None = None
         monkeypatch.setattr(upgrade_api, "run", self.upgrade)
@@ -58,8 +61,8 @@ class FakeOperations:
 
 
 @pytest.fixture
-def ops(monkeypatch):
-    return FakeOperations(monkeypatch)
+def ops(monkeypatch, spool):
+    return FakeOperations(monkeypatch, spool)
 
 
 def test_requests_run_in_order_each_under_the_lock_held_for_it(spool, ops):
@@ -69,6 +72,15 @@ def test_requests_run_in_order_each_under_the_lock_held_for_it(spool, ops):
     assert [spool.result(i).succeeded for i in ids] == [True] * 3
     assert spool.result(ids[0]).from_version == "1.0.0" and spool.result(ids[0]).to_version == "2.0.0"
     assert spool.queue() == [] and hostlock.holder() is None
+
+
+def test_the_chain_of_each_ended_upgrade_is_cleared_after_its_result(spool, ops):
+    """Its failed steps would stay loaded in systemd, one more set per operation (units.forget)."""
+    for id, kind in (("upgrade-1", "upgrade"), ("rollback-2", "rollback"), ("reset-3", "reset")):
+        spool.submit(Request(id=id, kind=kind, url="https://h/a.tgz" if kind == "upgrade" else ""))
+    ops.upgrade_outcome = "failed"
+    dispatch.run(spool)
+    assert ops.forgotten == [("upgrade-1", True), ("rollback-2", True)]  # a reset has no chain
 
 
 def test_a_rolled_back_upgrade_ends_daemon_failed(spool, ops):

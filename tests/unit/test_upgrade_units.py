@@ -75,3 +75,32 @@ def test_the_unit_bounds_follow_the_config(tmp_path):
     assert units.STOP_BOUND_SECONDS >= 2 * units.DAEMON_STOP_SECONDS
     daemon = (UNIT_DIR / "unbounded-agent-daemon.service").read_text()
     assert f"\nTimeoutStopSec={units.DAEMON_STOP_SECONDS}\n" in daemon
+
+
+def test_forget_waits_for_the_chain_to_go_idle_then_clears_its_failed_steps(monkeypatch):
+    calls, busy = [], [["unbounded-upgrade-preflight@upgrade-1.service"]] * 2 + [[]]
+
+    def reset_failed(name):
+        calls.append(("reset-failed", name))
+        if "stage@" in name:  # collected already: systemd no longer knows it
+            raise units.systemd.SystemdError("Unit unbounded-upgrade-stage@upgrade-1.service not loaded.")
+
+    monkeypatch.setattr(units.systemd, "busy", lambda names: calls.append(("busy", len(names))) or busy.pop(0))
+    monkeypatch.setattr(units.systemd, "reset_failed", reset_failed)
+    monkeypatch.setattr(units.time, "sleep", lambda s: None)
+    units.forget("upgrade-1")
+    assert calls == [("busy", 3)] * 3 + [("reset-failed", u) for u in units.chain_units("upgrade-1")]
+
+
+def test_forget_gives_up_waiting_after_its_bound(monkeypatch):
+    cleared, now = [], [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    monkeypatch.setattr(units.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(units.time, "sleep", sleep)
+    monkeypatch.setattr(units.systemd, "busy", lambda names: names)  # a step that never ends
+    monkeypatch.setattr(units.systemd, "reset_failed", cleared.append)
+    units.forget("upgrade-1", wait=2.0)
+    assert 2.0 <= now[0] < 2.2 and cleared == units.chain_units("upgrade-1")

@@ -85,6 +85,15 @@ def run(spool: Spool | None = None) -> None:
                 result="succeeded" if result.succeeded else "failed", reason=result.reason,
                 from_version=result.from_version, to_version=result.to_version)
             finish(cfg, spool, path, result)
+            if req.kind in ("upgrade", "rollback"):
+                _forget_chain(req.id)
+
+
+def _forget_chain(id: str) -> None:
+    """After the result is written (no requester waits on this): no failed step of the chain stays loaded."""
+    from ..upgrade import units
+
+    units.forget(id)
 
 
 def finish(cfg, spool: Spool, path, result: Result) -> None:

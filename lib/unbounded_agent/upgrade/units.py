@@ -3,6 +3,7 @@ their settings derive from (upgrade/generator.py writes them into drop-ins from 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from .. import systemd
@@ -29,6 +30,7 @@ MARGIN_SECONDS = 60
 # The daemon's own TimeoutStartSec= is this much past readyTimeoutSeconds: probation judges readiness, and
 # systemd's kill at the same moment would turn "not ready in time" into "exited before ready".
 DAEMON_START_MARGIN_SECONDS = 30
+FORGET_WAIT_SECONDS = 5.0  # a step on its way out once its operation has ended exits in well under this
 
 
 def step_unit(step: str, id: str) -> str:
@@ -43,6 +45,26 @@ def chain_units(id: str) -> list[str]:
 def chain_start(id: str) -> str:
     """The unit to start for operation id: switch@ Requires= (and is After=) preflight@, which Requires= stage@."""
     return step_unit("switch", id)
+
+
+def forget(id: str, wait: float = FORGET_WAIT_SECONDS) -> None:
+    """Clear the failed state of operation id's chain units once it has ended. A step that failed, or that
+    stopped the chain on purpose (preflight after a no-op), would otherwise stay loaded as a failed unit for
+    ever: one more per operation, and the host "degraded". The record, the result and the journal keep what
+    happened. A step may still be on its way out when the record ends (preflight after a no-op): wait for the
+    chain to go idle, a bounded while."""
+    names = chain_units(id)
+    deadline = time.monotonic() + wait
+    try:
+        while systemd.busy(names) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except systemd.SystemdError:
+        pass  # cannot tell: clear what has failed so far
+    for name in names:
+        try:
+            systemd.reset_failed(name)
+        except systemd.SystemdError:
+            pass  # not loaded (it succeeded and was collected) or not ours to clear: nothing left behind
 
 
 def own_unit() -> str | None:
