@@ -99,8 +99,8 @@ check: venv
 
 # Test files run side by side (pytest-xdist), each file whole on one worker: its module's test hosts and
 # servers stay with it. Every test host has its own overlay, network namespace, machine name and cgroup
-# (testhost.py). Host tests mostly wait on systemd, so more workers than cores pay; the host files are
-# handed out first and in this order (the longest first), the quick files fill in behind them.
+# (testhost.py). Host tests mostly wait on systemd, so more workers than cores pay. Files are handed out in
+# collection order: the longest measured first (tests/conftest.py), then host, package and unit files.
 TEST_WORKERS ?= 4
 TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: venv deb rpm

@@ -430,3 +430,17 @@ def kill_the_dispatcher(host: TestHost, request_id: str) -> None:
         new, held = dispatcher_pid(host), lock_holder(host)
         return new not in (0, pid) and held.get("pid") == new and held.get("operation") == request_id
     wait_until("a new dispatcher to hold the host for the same reset", taken_over, timeout=60)
+
+
+def held_reset(host, held_step) -> tuple[object, str, int]:
+    """Bootstrap, queue a reset and hold it just before held_step; (fixture, request id, held pid)."""
+    fx = bootstrap(host)
+    hold_step(host, held_step)
+    try:
+        start_cli_reset(host)
+        pid = wait_held(host, held_step)
+    finally:
+        unhold_step(host, held_step)  # a later run of the step does not wait
+    req = claimed_request(host)
+    assert req and req["kind"] == "reset"
+    return fx, req["id"], pid
