@@ -126,7 +126,7 @@ def _remove_nspawn_leftovers(machine: str) -> None:
     # nspawn leaves this empty directory behind when /run is not a tmpfs.
     with contextlib.suppress(OSError):
         Path("/run/systemd/nspawn/propagate", machine).rmdir()
-    for group in _host_cgroups(machine):
+    for group in host_cgroups(machine):
         _remove_cgroup(group)
 
 
@@ -149,7 +149,7 @@ def _cgroup_hierarchies() -> list[tuple[Path, str]]:
     return found
 
 
-def _host_cgroups(machine: str) -> list[Path]:
+def host_cgroups(machine: str) -> list[Path]:
     """The cgroups of one test host's nspawn, one per hierarchy: a child of the test process's own cgroup.
 
     Each host needs its own. nspawn (--keep-unit) puts the container under <its cgroup>/payload, and the
@@ -246,9 +246,9 @@ class TestHost:
     def _boot(self) -> None:
         self.console_log = self.workdir / "console.log"
         started = time.monotonic()
-        # nspawn starts in a cgroup of this host's own (see _host_cgroups): the shell moves itself there,
+        # nspawn starts in a cgroup of this host's own (see host_cgroups): the shell moves itself there,
         # then becomes nspawn.
-        groups = _host_cgroups(self.machine)
+        groups = host_cgroups(self.machine)
         for group in groups:
             group.mkdir(exist_ok=True)
         enter = "".join(f'echo $$ > "{g}/cgroup.procs" && ' for g in groups)
