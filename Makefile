@@ -99,11 +99,17 @@ check: venv
 	$(VENV)/bin/ruff check lib tests demo bench packaging
 	$(VENV)/bin/mypy lib
 
+# Test files run side by side (pytest-xdist), each file whole on one worker: its module's test hosts and
+# servers stay with it. Every test host has its own overlay, network namespace, machine name and cgroup
+# (testhost.py). Host tests mostly wait on systemd, so more workers than cores pay. Files are handed out in
+# collection order: the longest measured first (tests/conftest.py), then host, package and unit files.
+TEST_WORKERS ?= 4
+TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: venv deb rpm
-	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest tests/unit tests/package tests/host
+	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest $(TEST_PARALLEL) tests/host tests/package tests/unit
 
 test-fast: venv
-	$(VPY) -m pytest tests/unit
+	$(VPY) -m pytest -n 2 tests/unit
 
 # The built packages themselves: payloads compared, the .rpm installed into a scratch root.
 test-package: venv deb rpm

@@ -57,6 +57,23 @@ def pytest_configure(config):
         "testhost: needs root, systemd-nspawn and overlayfs; boots a Debian 12 systemd test host")
 
 
+# The longest test files, measured (--durations=0), longest first. `make test` runs files side by side, one
+# file to a worker, handing them out in collection order: started first, these do not end the run alone.
+LONGEST_FILES = (
+    "host/test_reset_resumes_after_kill.py", "host/test_seam_reset_and_upgrade.py",
+    "host/test_upgrade_crash_points.py", "host/test_recovery_always_ends.py", "host/test_mop_reset_with_kubectl.py",
+    "host/test_reset_resumes_after_dispatcher_kill.py", "host/test_fleet_rolls_out_in_waves_and_halts.py",
+    "host/test_mop_reset_survives_daemon_restarts.py", "host/test_mop_survives_restarts_and_outages.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_FILES) if path.endswith("/tests/" + name)), len(LONGEST_FILES))
+    items.sort(key=rank)  # stable: within a file, and among the other files, the order stays
+
+
 def _overlay_supported() -> bool:
     def listed():
         return "\toverlay\n" in Path("/proc/filesystems").read_text()

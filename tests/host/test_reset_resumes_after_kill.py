@@ -1,33 +1,21 @@
-"""A reset interrupted by a kill never leaves the host half reset for good.
-
-- A step killed (kill -9) before it could do its work fails the reset, naming that step; the reset leaves
-  its "resetting" checkpoint behind, and the next `unbounded-agent reset` completes the job (once the agent
-  is gone, with the toolset's own CLI).
-- The dispatcher killed (kill -9) in the middle of a reset: unbounded-agent-requests.path starts a new one
-  for the claimed request, which takes the host for the same reset and completes it; the `unbounded-agent
-  reset` that queued it reports success, without anyone running it again.
-"""
+"""A reset interrupted by a kill never leaves the host half reset for good: a step killed (kill -9) before it
+could do its work fails the reset, naming that step; the reset leaves its "resetting" checkpoint behind, and
+the next `unbounded-agent reset` completes the job (once the agent is gone, with the toolset's own CLI).
+The dispatcher killed in the middle of a reset: test_reset_resumes_after_dispatcher_kill.py (a file, and so a
+test host, of its own: the two run side by side)."""
 
 import pytest
 from bootstrapped_host import (
     BIN_CURRENT,
-    DISPATCH,
-    bootstrap,
     checkpoint_exists,
-    claimed_request,
     cli_reset_outcome,
-    hold_step,
-    kill_the_dispatcher,
+    held_reset,
     release_step,
     result_of,
     run_reset,
     snapshot,
-    start_cli_reset,
     step,
-    unhold_step,
-    wait_held,
 )
-from waiting import wait_until
 
 pytestmark = pytest.mark.testhost
 
@@ -35,27 +23,6 @@ pytestmark = pytest.mark.testhost
 NEXT_STEP = ["stop-machines", "remove-links", "remove-wireguard-keys", "remove-nspawn-config",
              "remove-machine-trees", "remove-routing", "remove-agent", "verify", "stop-daemon", "reload-systemd",
              "finish"]
-# Where a dispatcher is killed: early and late in phase 1 (the last removing the agent's files), and in phase 2
-# (which stops its daemon).
-DISPATCHER_KILLED_AT = ["stop-machines", "remove-routing", "remove-agent", "verify", "stop-daemon", "finish"]
-
-
-def journal_of(host, unit):
-    return host.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout
-
-
-def held_reset(host, held_step) -> tuple[object, str, int]:
-    """Bootstrap, queue a reset and hold it just before held_step; (fixture, request id, held pid)."""
-    fx = bootstrap(host)
-    hold_step(host, held_step)
-    try:
-        start_cli_reset(host)
-        pid = wait_held(host, held_step)
-    finally:
-        unhold_step(host, held_step)  # a later run of the step does not wait
-    req = claimed_request(host)
-    assert req and req["kind"] == "reset"
-    return fx, req["id"], pid
 
 
 @pytest.mark.parametrize("killed_step", NEXT_STEP)
@@ -83,22 +50,3 @@ def test_a_reset_whose_step_is_killed_completes_when_run_again(agent_host, kille
     assert fx.decoys - fx.kept(snap) == set()
     assert not checkpoint_exists(host)
     assert any(n.startswith("resuming the interrupted reset") for n in step(report, "begin")["notes"])
-
-
-@pytest.mark.parametrize("held_step", DISPATCHER_KILLED_AT)
-def test_a_reset_whose_dispatcher_is_killed_completes_on_its_own(agent_host, held_step):
-    host = agent_host
-    fx, id, _ = held_reset(host, held_step)
-    kill_the_dispatcher(host, id)  # returns once a new dispatcher holds the host for the same reset
-    release_step(host, held_step)
-
-    code, report = cli_reset_outcome(host)
-    snap = snapshot(host)
-    assert (code, report["result"], report["run_id"]) == (0, "succeeded", id), report
-    assert [s["step"] for s in report["steps"] if s["result"] != "succeeded"] == []
-    assert result_of(host, id)["succeeded"] is True
-    assert fx.items - fx.gone(snap) == set()
-    assert fx.decoys - fx.kept(snap) == set()
-    assert not checkpoint_exists(host)
-    log = wait_until("the dispatcher's log", lambda: journal_of(host, DISPATCH))
-    assert f"reset {id} (request {id}, from cli): going on after an interruption (attempt 2)" in log

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from testhost import CommandFailed, make_nested_machine
+from testhost import CommandFailed, host_cgroups, make_nested_machine
 
 pytestmark = pytest.mark.testhost
 
@@ -160,6 +160,22 @@ def test_hosts_of_the_same_name_boot_side_by_side_in_two_test_processes(testhost
     hostname, machine = child.stdout.split()
     assert hostname == testhost.name and machine != testhost.machine
     assert testhost.running and testhost.run(["hostname"]).stdout.strip() == testhost.name
+
+
+def test_units_of_the_same_name_in_two_hosts_have_cgroups_of_their_own(testhost_factory):
+    # Hosts running at once (the fleet's, or parallel test processes') run the same units: stopping one host's
+    # must not touch the other's, nor its cgroup.
+    with testhost_factory("twin-a") as a, testhost_factory("twin-b") as b:
+        groups = {}
+        for host in (a, b):
+            host.run(["systemd-run", "--unit=twin.service", "/usr/bin/sleep", "infinity"])
+            groups[host.name] = host_cgroups(host.machine)[0] / "payload/system.slice/twin.service"
+            assert (groups[host.name] / "cgroup.procs").read_text().split()  # the unit's process is in it
+        assert groups["twin-a"] != groups["twin-b"]
+        a.run(["systemctl", "stop", "twin.service"])
+        assert b.run(["systemctl", "is-active", "twin.service"], check=False).stdout.strip() == "active"
+        assert (groups["twin-b"] / "cgroup.procs").read_text().split()
+    assert not groups["twin-a"].exists() and not groups["twin-b"].exists()  # teardown removed them
 
 
 def test_nested_machine_is_listed(testhost_factory):

@@ -287,24 +287,14 @@ def fresh_agent_host(testhost_factory, deb_path):
         yield host
 
 
-# The nested test host's systemd sometimes cannot set up the cgroup of a unit started again at once
-# ("Failed to kill control group ... Input/output error", then status=219/CGROUP): an artefact of the test
-# host under load (mop_host.py meets it with the daemon), not of the reset. A step that ended so wrote no
-# report; the reset says so and is run again, as an operator would.
-CGROUP_ARTEFACT = "(unit result exit-code, exit status 219)"
-
-
 def run_reset(host: TestHost, *args: str, toolset: bool = False):
     """Run the reset with --json; return (exit code, parsed report, stderr)."""
     cmd = (TOOLSET_RESET if toolset else AGENT_RESET) + ["--json", *args]
-    for _ in range(2):
-        r = host.run(cmd, check=False, timeout=600)
-        try:
-            report = json.loads(r.stdout)
-        except ValueError:
-            raise AssertionError(f"{cmd} printed no JSON report (exit {r.returncode}):\n{r.stdout}\n{r.stderr}") from None
-        if CGROUP_ARTEFACT not in report.get("message", ""):
-            break
+    r = host.run(cmd, check=False, timeout=600)
+    try:
+        report = json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError(f"{cmd} printed no JSON report (exit {r.returncode}):\n{r.stdout}\n{r.stderr}") from None
     return r.returncode, report, r.stderr
 
 
@@ -431,3 +421,17 @@ def kill_the_dispatcher(host: TestHost, request_id: str) -> None:
         new, held = dispatcher_pid(host), lock_holder(host)
         return new not in (0, pid) and held.get("pid") == new and held.get("operation") == request_id
     wait_until("a new dispatcher to hold the host for the same reset", taken_over, timeout=60)
+
+
+def held_reset(host, held_step) -> tuple[object, str, int]:
+    """Bootstrap, queue a reset and hold it just before held_step; (fixture, request id, held pid)."""
+    fx = bootstrap(host)
+    hold_step(host, held_step)
+    try:
+        start_cli_reset(host)
+        pid = wait_held(host, held_step)
+    finally:
+        unhold_step(host, held_step)  # a later run of the step does not wait
+    req = claimed_request(host)
+    assert req and req["kind"] == "reset"
+    return fx, req["id"], pid

@@ -24,7 +24,6 @@ import queue
 import random
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -104,15 +103,6 @@ class KubeLink:
         host.write(f"{AGENT_CONFIG_DIR}/config.yaml", config)
         if restart:
             r = host.run(["systemctl", "restart", DAEMON], check=False)  # Type=notify: returns once ready
-            for _ in range(3):
-                # The nested test host's systemd sometimes cannot set up the cgroup of a unit restarted at once
-                # (status=219/CGROUP after "Failed to kill control group ... Input/output error"): an
-                # artefact of the test host under load, not of the daemon; start it again.
-                if r.returncode == 0 or "219/CGROUP" not in journal_of(host, lines=5):
-                    break
-                time.sleep(1)
-                host.run(["systemctl", "reset-failed", DAEMON], check=False)
-                r = host.run(["systemctl", "start", DAEMON], check=False)
             if r.returncode:
                 raise AssertionError(f"restarting the daemon failed: {r.stderr}\n" + host.run(
                     ["journalctl", "--no-pager", "-n", "80", "-u", DAEMON, "-u", "unbounded-agent-dispatch.service"],

@@ -126,6 +126,50 @@ def _remove_nspawn_leftovers(machine: str) -> None:
     # nspawn leaves this empty directory behind when /run is not a tmpfs.
     with contextlib.suppress(OSError):
         Path("/run/systemd/nspawn/propagate", machine).rmdir()
+    for group in host_cgroups(machine):
+        _remove_cgroup(group)
+
+
+def _cgroup_hierarchies() -> list[tuple[Path, str]]:
+    """(mount point, this process's path in it) of the hierarchies systemd tracks units in: the named v1
+    hierarchy "systemd" and the unified (v2) one, whichever are mounted."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "name=systemd":
+                mount = Path("/sys/fs/cgroup/systemd")
+            elif controllers == "":
+                mount = next((m for m in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+                              if (m / "cgroup.controllers").exists()), None)
+            else:
+                continue
+            if mount is not None and (mount / "cgroup.procs").exists():
+                found.append((mount, path))
+    return found
+
+
+def host_cgroups(machine: str) -> list[Path]:
+    """The cgroups of one test host's nspawn, one per hierarchy: a child of the test process's own cgroup.
+
+    Each host needs its own. nspawn (--keep-unit) puts the container under <its cgroup>/payload, and the
+    host's systemd makes <that>/system.slice/<unit> for each unit: hosts started from one cgroup would
+    share those directories, and one host stopping or restarting a unit would remove or kill the cgroup
+    that another host's unit of the same name is being started in ("219/CGROUP Failed to attach to
+    cgroup", "Failed to kill control group").
+    """
+    return [mount / path.lstrip("/") / f"unbounded-testhost-{machine}" for mount, path in _cgroup_hierarchies()]
+
+
+def _remove_cgroup(group: Path) -> None:
+    """Remove an emptied cgroup and the ones the host's systemd made below it (deepest first)."""
+    if not group.is_dir():
+        return
+    for sub in sorted((d for d in group.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        group.rmdir()
 
 
 def reap_stale(work_root: Path = WORK_ROOT) -> None:
@@ -202,9 +246,16 @@ class TestHost:
     def _boot(self) -> None:
         self.console_log = self.workdir / "console.log"
         started = time.monotonic()
+        # nspawn starts in a cgroup of this host's own (see host_cgroups): the shell moves itself there,
+        # then becomes nspawn.
+        groups = host_cgroups(self.machine)
+        for group in groups:
+            group.mkdir(exist_ok=True)
+        enter = "".join(f'echo $$ > "{g}/cgroup.procs" && ' for g in groups)
         with open(self.console_log, "wb") as log:
             self.nspawn = subprocess.Popen(
-                ["systemd-nspawn", "-D", str(self.merged), "--boot", "--register=no",
+                ["/bin/sh", "-c", f'{enter}exec "$@"', "nspawn",
+                 "systemd-nspawn", "-D", str(self.merged), "--boot", "--register=no",
                  "--keep-unit", "--private-network", f"--machine={self.machine}",
                  "--console=pipe", "--link-journal=no"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,21 @@ def test_watchdog_is_fed_only_while_the_loop_is_alive(monkeypatch):
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     pings, alive, stop = [], threading.Event(), threading.Event()
     alive.set()
-    t = daemon.start_watchdog(lambda max_age: alive.is_set(), stop, notify=lambda **f: pings.append(f))
+    checks: list[bool] = []
+
+    def healthy(max_age):
+        checks.append(alive.is_set())
+        return checks[-1]
+
+    t = daemon.start_watchdog(healthy, stop, notify=lambda **f: pings.append(f))
     try:
         wait_for("a few pings", lambda: len(pings) >= 3)
         assert pings[0] == {"WATCHDOG": 1}
         alive.clear()  # the main loop is stuck
-        time.sleep(0.1)
-        n = len(pings)
-        time.sleep(0.3)
+        # once one check has seen it stuck, a ping of an earlier check is sent (one thread: check, then ping)
+        wait_for("a check that sees the loop stuck", lambda: False in checks)
+        n, seen = len(pings), len(checks)
+        wait_for("three more checks", lambda: len(checks) >= seen + 3)
         assert len(pings) == n
         alive.set()
         wait_for("pings again", lambda: len(pings) > n)

@@ -155,6 +155,20 @@ def test_watch_reports_a_daemon_that_never_gets_ready(cfg):
     assert failure.exit_code is None and failure.text() == failure.detail and failure.cause == probation.NOT_READY
 
 
+@pytest.mark.parametrize("ended", [
+    {"active_state": "deactivating", "sub_state": "stop-sigterm", "job": 0},  # systemd is stopping it
+    {"active_state": "activating", "sub_state": "auto-restart"},  # already stopped, to be started again
+])
+def test_a_daemon_systemd_ended_at_its_start_timeout_is_not_ready_whoever_saw_the_deadline_first(cfg, ended):
+    """TimeoutStartSec= is readyTimeoutSeconds: when systemd's timer fires before this loop's deadline check
+    (a poll late on a busy host), the verdict is the same as when the loop sees it first."""
+    failure, _ = watch(cfg, [{"invocation": "new", "active_state": "activating", "sub_state": "start", "job": 1},
+                             {"invocation": "new", "result": "timeout", "exec_main_code": "killed",
+                              "exec_main_status": 15, **ended}])
+    assert "did not report ready within 2 s" in failure.detail and failure.cause == probation.NOT_READY
+    assert failure.result == "timeout" and failure.signal == "SIGTERM" and failure.blames_release
+
+
 @pytest.mark.parametrize("status", [
     "unbounded-agent 2.0.0: connected to the API server",
     "unbounded-agent 2.0.0",

@@ -23,7 +23,8 @@ def test_the_chain_is_named_by_the_id_and_started_from_its_last_step():
     assert units.chain_start("upgrade-1") == "unbounded-upgrade-switch@upgrade-1.service"
 
 
-@pytest.mark.parametrize("id", [new_id("upgrade"), new_id("rollback"), LONGEST_ID])
+# Named ids: new_id() differs per process, and parallel workers must collect the same test names.
+@pytest.mark.parametrize("id", [new_id("upgrade"), new_id("rollback"), LONGEST_ID], ids=["upgrade", "rollback", "longest"])
 def test_a_request_id_is_a_valid_unit_instance_as_it_is(id):
     """The units pass %i (the instance as written) to their steps: an id made only of characters a unit
     name may hold reaches the step unchanged, whatever its length within the spool's bound."""

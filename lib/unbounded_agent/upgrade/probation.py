@@ -74,6 +74,11 @@ def daemon_failure(snap: dict, what: str, cause: str, blames_release: bool = Tru
     return failure, snap.get("invocation")
 
 
+def not_ready(snap: dict, timeout: float) -> Verdict:
+    return daemon_failure(snap, f"the new daemon did not report ready within {timeout:g} s of its start "
+                                f"(state {_state(snap)})", NOT_READY)
+
+
 def journal_lines(unit: str, since_epoch: float | None, lines: int = JOURNAL_LINES,
                   invocation: str | None = None) -> list[str]:
     """The last lines the failed run of the unit wrote (its invocation when known, else everything since
@@ -180,14 +185,17 @@ class _Watch:
                     return self.again(inv, "the daemon was restarted from outside while it started")
                 if s["invocation"] != inv or s["sub_state"] == "auto-restart" or s["active_state"] == "failed" or (
                         s["active_state"] == "deactivating" and (s["result"] != "success" or not s["job"])):
+                    if s["invocation"] == inv and s["result"] == "timeout":
+                        # systemd ended it at TimeoutStartSec= (this bound plus a margin, generator.py): it was
+                        # not ready in time either, whoever saw it first
+                        return None, not_ready(s, timeout)
                     return None, daemon_failure(s, "the new daemon exited before it reported ready", EXITED_BEFORE_READY)
                 if s["active_state"] == "active" and not s["job"]:
                     return s, _lies(s, self.expected_version)
                 if s["active_state"] in ("deactivating", "inactive"):  # a stop asked from outside
                     return self.again(inv, "the daemon was stopped from outside while it started")
                 if self.clock() >= deadline:
-                    return None, daemon_failure(s, f"the new daemon did not report ready within {timeout:g} s "
-                                                   f"of its start (state {_state(s)})", NOT_READY)
+                    return None, not_ready(s, timeout)
             self.sleep(POLL_SECONDS)
             s = self.snap()
 
