@@ -6,6 +6,7 @@
 #   make test                    fast tests, the package tests and the systemd test-host tests (needs root)
 #   make demo                    boots a test host, installs the .deb and shows what a user sees
 #   make check                   ruff (lint) on lib/, tests/, demo/, bench/ and packaging/, then mypy on lib/
+#   make faults                  seeded kill -9s and power cuts at every step (FAULT_TRIALS=200 FAULT_SEED=1)
 #   make bench                   timings and peak memory in one table (bench/bench.py; BENCH_RUNS=5)
 #   make e2e-cluster             the watcher against the cluster KUBECONFIG names
 SHELL := /bin/bash
@@ -24,7 +25,7 @@ RPM_PYTHON3_VERSION ?=
 # rpmbuild sees the build host's clock in the changelog unless SOURCE_DATE_EPOCH pins it.
 RPM_CHANGELOG_DATE := $(shell LC_ALL=C date -u $(if $(SOURCE_DATE_EPOCH),-d @$(SOURCE_DATE_EPOCH)) '+%a %b %d %Y')
 
-.PHONY: all setup release deb rpm man venv check test test-fast test-package testhost-tree demo bench e2e-cluster clean
+.PHONY: all setup release deb rpm man venv check test test-fast test-package testhost-tree demo bench faults e2e-cluster clean
 
 all: deb
 
@@ -113,6 +114,14 @@ demo: venv deb
 # The watcher's end-to-end tests against the real cluster KUBECONFIG names (skipped when unset).
 e2e-cluster: venv
 	UNBOUNDED_E2E_CLUSTER=1 $(VPY) -m pytest -rs tests/cluster
+
+# The fault matrix (tests/host/test_fault_matrix.py): each trial prints its seed, step, fault and outcome, and
+# the run ends with a table of trials and failures per step. FAULT_REPLAY=<seed>,... runs single trials again.
+FAULT_TRIALS ?= 200
+FAULT_SEED ?= 1
+faults: venv deb
+	UNBOUNDED_TESTS_DEB_FRESH=1 FAULT_TRIALS=$(FAULT_TRIALS) FAULT_SEED=$(FAULT_SEED) FAULT_REPLAY=$(FAULT_REPLAY) \
+	  $(VPY) -m pytest -q -p no:cacheprovider tests/host/test_fault_matrix.py
 
 # Speed and memory targets are measured here, never asserted in tests: one table, each figure the median of
 # BENCH_RUNS runs beside its baseline (bench/bench.py; BENCH_ARGS e.g. --only upgrade --write bench/results.md).
