@@ -262,6 +262,8 @@ class Matrix:
             return
         rid = res["id"]
         out.outcome = res["reason"] if res["succeeded"] or s.op != "reset" else f"failed@{res.get('step')}"
+        if not res["succeeded"]:
+            out.outcome += f" ({res.get('message', '')[:160]})"
         if mop_name:
             self._check_mop(out, mop_name, res)
         if s.op == "reset":
@@ -391,14 +393,17 @@ def _mop(name: str, machine: str, kind: str, **params) -> dict:
 
 
 def table(outcomes: list[TrialOutcome]) -> str:
-    rows = {s.name: [0, 0] for s in STEPS}
+    """Trials, failures and re-asked operations (a reset whose killed step failed it) per step."""
+    rows = {s.name: [0, 0, 0] for s in STEPS}
     for o in outcomes:
-        rows[o.trial.step.name][0] += 1
-        rows[o.trial.step.name][1] += bool(o.problems)
-    lines = [f"{'step':<28} {'trials':>6} {'failures':>8}"]
-    lines += [f"{k:<28} {v[0]:>6} {v[1]:>8}" for k, v in rows.items() if v[0]]
-    total = [sum(v[0] for v in rows.values()), sum(v[1] for v in rows.values())]
-    lines.append(f"{'total':<28} {total[0]:>6} {total[1]:>8}")
+        row = rows[o.trial.step.name]
+        row[0] += 1
+        row[1] += bool(o.problems)
+        row[2] += "re-asked" in o.outcome
+    lines = [f"{'step':<28} {'trials':>6} {'failures':>8} {'re-asked':>8}"]
+    lines += [f"{k:<28} {v[0]:>6} {v[1]:>8} {v[2]:>8}" for k, v in rows.items() if v[0]]
+    total = [sum(v[i] for v in rows.values()) for i in range(3)]
+    lines.append(f"{'total':<28} {total[0]:>6} {total[1]:>8} {total[2]:>8}")
     failed = [o.trial.seed for o in outcomes if o.problems]
     if failed:
         lines.append("failed trial seeds (FAULT_REPLAY=...): " + ",".join(map(str, failed)))
