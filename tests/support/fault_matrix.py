@@ -179,6 +179,8 @@ class Matrix:
     def restore(self) -> None:
         h = self.host
         clear_holds(h)
+        # an operation the dispatcher goes on with (after a boot, say) ends first: nothing is re-installed under it
+        wait_until("the queue to drain", lambda: not uh.queued(h) and not uh.busy_units(h), timeout=300)
         sh(h, f"rm -f {uh.STATE}/quarantine.json; systemctl reset-failed")
         if not agent_present(h) or not h.path("/etc/unbounded/agent/config.yaml").exists():
             sh(h, "/usr/libexec/unbounded-agent/unbounded-agent-seed-slots", check=True)
@@ -198,7 +200,7 @@ class Matrix:
             self.restore()
             self._trial(t, out)
         except Exception as e:  # a trial that could not converge is a failure; the host is brought back
-            out.problems.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            out.problems.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
             try:
                 self._power()
                 self.restore()
@@ -220,8 +222,9 @@ class Matrix:
                 name = f"fault-{t.seed}"
                 self.kube.apply(_mop(name, h.name, "AgentReset"))
                 return name
-            sh(h, "rm -f /var/tmp/fault-cli.*; systemd-run --unit=fault-cli-reset.service --collect --quiet sh -c "
-                  f"'{TOOLSET} reset --json > /var/tmp/fault-cli.json; echo $? > /var/tmp/fault-cli.rc'", check=True)
+            h.run(["rm", "-f", "/var/tmp/fault-cli.json", "/var/tmp/fault-cli.rc"])
+            h.run(["systemd-run", "--unit=fault-cli-reset.service", "--collect", "--quiet", "/bin/sh", "-c",
+                   f"{TOOLSET} reset --json > /var/tmp/fault-cli.json; echo $? > /var/tmp/fault-cli.rc"])
             return None
         if s.op == "crash":
             url = self.crash[self.n % len(self.crash)]
