@@ -94,12 +94,14 @@ class Trial:
 
 def plan(seed: int, n: int, kube: bool) -> list[Trial]:
     r = random.Random(seed)
-    order: list[int] = []
-    while len(order) < n:
-        block = list(range(len(STEPS)))
-        r.shuffle(block)
-        order += block
-    return [Trial.from_seed(r.getrandbits(24) * len(STEPS) + k, kube) for k in order[:n]]
+    trials: list[Trial] = []
+    block: list[int] = []
+    for i in range(n):  # drawn one by one: the first trials of a run are the same whatever n is
+        if i % len(STEPS) == 0:
+            block = list(range(len(STEPS)))
+            r.shuffle(block)
+        trials.append(Trial.from_seed(r.getrandbits(24) * len(STEPS) + block[i % len(STEPS)], kube))
+    return trials
 
 
 @dataclasses.dataclass
