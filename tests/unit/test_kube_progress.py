@@ -69,16 +69,3 @@ def test_a_state_dir_that_never_existed_is_made_on_the_first_save(tmp_path):
     store = ProgressStore(tmp_path / "new-state")  # as the fast tests and a first start without systemd
     store.save(OperationProgress(uid="u-1", name="up", kind="AgentUpgrade", step=ACCEPTED))
     assert not store.in_memory and (tmp_path / "new-state" / "machineoperations" / "u-1.json").exists()
-
-
-def test_a_temporary_a_power_loss_left_goes_when_the_daemon_starts(tmp_path):
-    from unbounded_agent.kube.events import Recorder
-
-    events = tmp_path / "machineoperations" / "events"
-    events.mkdir(parents=True)
-    (events / ".journal.json.tmp-ef675d65").write_text("{half")
-    (tmp_path / "machineoperations" / ".u-1.json.tmp-0badc0de").write_text("{half")
-    (tmp_path / "machineoperations" / "u-2.json").write_text("{}")
-    ProgressStore(tmp_path)
-    Recorder(lambda: None, "m", events)
-    assert sorted(p.name for p in (tmp_path / "machineoperations").rglob("*")) == ["events", "u-2.json"]

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import fsutil, log, records
+from .. import log, records
 from . import client as kubeclient
 from . import mop
 from .client import ApiError, Unavailable
@@ -40,8 +40,6 @@ class Recorder:
         self.machine = machine
         self.on_disk = on_disk  # False once a reset removed the agent's state: the journal stays in memory
         self.path = Path(directory) / "journal.json"
-        if on_disk():  # a temporary of a save cut by a power loss (this daemon is the journal's only writer)
-            fsutil.remove_stale_temps(directory)
         try:
             self.journal = records.load(EventJournal, self.path) or EventJournal()
         except records.CorruptRecord as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import fsutil, log, records
+from .. import log, records
 from ..reasons import OpsError, Reason
 
 PROGRESS_DIR = "machineoperations"
@@ -67,7 +67,6 @@ class ProgressStore:
         self.dir = Path(state_dir) / PROGRESS_DIR
         self._seen = self.dir.parent.is_dir()  # the state directory existed (systemd makes it for the daemon)
         self.in_memory = False  # the state directory went (a reset removed it): nothing is written any more
-        fsutil.remove_stale_temps(self.dir)  # a save cut by a power loss (the daemon is the only writer here)
 
     def path(self, uid: str) -> Path:
         return self.dir / f"{uid}.json"
