@@ -8,6 +8,7 @@
 #   make check                   ruff (lint) on lib/, tests/, demo/, bench/ and packaging/, then mypy on lib/
 #   make soak                    100 operations in a row on one test host, asserting nothing grows (SOAK_OPS=100;
 #                                `make test` runs the same soak with 15)
+#   make faults                  seeded kill -9s and power cuts at every step (FAULT_TRIALS=200 FAULT_SEED=1)
 #   make bench                   timings and peak memory in one table (bench/bench.py; BENCH_RUNS=5)
 #   make e2e-cluster             the watcher against the cluster KUBECONFIG names
 SHELL := /bin/bash
@@ -26,7 +27,7 @@ RPM_PYTHON3_VERSION ?=
 # rpmbuild sees the build host's clock in the changelog unless SOURCE_DATE_EPOCH pins it.
 RPM_CHANGELOG_DATE := $(shell LC_ALL=C date -u $(if $(SOURCE_DATE_EPOCH),-d @$(SOURCE_DATE_EPOCH)) '+%a %b %d %Y')
 
-.PHONY: all setup release deb rpm man venv check test test-fast test-package testhost-tree demo soak bench e2e-cluster clean
+.PHONY: all setup release deb rpm man venv check test test-fast test-package testhost-tree demo soak bench faults e2e-cluster clean
 
 all: deb
 
@@ -127,6 +128,14 @@ e2e-cluster: venv
 SOAK_OPS ?= 100
 soak: venv deb
 	UNBOUNDED_TESTS_DEB_FRESH=1 UNBOUNDED_SOAK_OPS=$(SOAK_OPS) $(VPY) -m pytest tests/host/test_soak_many_operations_leave_no_growth.py
+
+# The fault matrix (tests/host/test_fault_matrix.py): each trial prints its seed, step, fault and outcome, and
+# the run ends with a table of trials and failures per step. FAULT_REPLAY=<seed>,... runs single trials again.
+FAULT_TRIALS ?= 200
+FAULT_SEED ?= 1
+faults: venv deb
+	UNBOUNDED_TESTS_DEB_FRESH=1 FAULT_TRIALS=$(FAULT_TRIALS) FAULT_SEED=$(FAULT_SEED) FAULT_REPLAY=$(FAULT_REPLAY) \
+	  $(VPY) -m pytest -q -p no:cacheprovider tests/host/test_fault_matrix.py
 
 # Speed and memory targets are measured here, never asserted in tests: one table, each figure the median of
 # BENCH_RUNS runs beside its baseline (bench/bench.py; BENCH_ARGS e.g. --only upgrade --write bench/results.md).

@@ -19,8 +19,9 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
-from . import log, systemd
+from . import fsutil, log, systemd
 from .config import Config
 from .version import VERSION
 
@@ -85,6 +86,7 @@ def run(cfg: Config) -> int:
     preload()
     from .kube import client as kubeclient
     from .kube import standalone, watcher
+    from .kube.progress import PROGRESS_DIR
 
     stop = threading.Event()
 
@@ -95,6 +97,10 @@ def run(cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(f"version {VERSION} starting for machine {cfg.machine_name}")
+    # The daemon is the one writer of its progress and event files: what a killed run (or a power cut) left
+    # half-written is swept before anything writes there.
+    for stale in fsutil.remove_stale_temps(Path(cfg.state_dir) / PROGRESS_DIR, depth=2):
+        log.info(f"removed {stale}, left by a run that was cut short")
     if not kubeclient.configured(cfg.kubeconfig):
         start_watchdog(lambda _max_age: True, stop)
         standalone.run_standalone(cfg, stop, systemd.notify)

@@ -74,17 +74,22 @@ def atomic_symlink(target: str, link: str | os.PathLike) -> None:
     fsync_dir(final.parent)
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Remove temporaries left by a crash in the middle of one of the operations above."""
+def remove_stale_temps(directory: str | os.PathLike[str], depth: int = 1) -> list[Path]:
+    """Remove temporaries left by a crash in the middle of one of the operations above, in directory and (depth > 1)
+    the directories below it. Only for a directory whose writers are all stopped, or are the caller: another
+    writer's temporary in flight would go too."""
     removed: list[Path] = []
     try:
-        entries = list(Path(directory).iterdir())
+        entries = list(os.scandir(os.fspath(directory)))
     except FileNotFoundError:
         return removed
-    for p in entries:
-        if p.name.startswith(".") and ".tmp-" in p.name:
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            if depth > 1:
+                removed += remove_stale_temps(e.path, depth - 1)
+        elif e.name.startswith(".") and ".tmp-" in e.name:
+            Path(e.path).unlink(missing_ok=True)
+            removed.append(Path(e.path))
     return removed
 
 

@@ -43,12 +43,39 @@ def notify(**fields: str | int) -> None:
 # -- the manager -------------------------------------------------------------------------------------
 
 
-def _manager_call(method: str, *args):
+# A daemon-reload drops the manager's bus connections: a call in flight then ends with "Message recipient
+# disconnected from message bus without replying" although nothing is wrong. Questions are asked again.
+RELOAD_RETRIES, RELOAD_RETRY_SECONDS = 25, 0.2
+
+
+def _dropped_by_reload(e: BaseException) -> bool:
+    import errno
+
+    text = describe_error(e).lower()
+    return "disconnected" in text or "noreply" in text or getattr(e, "errno", None) in (-errno.ECONNRESET,
+                                                                                           -errno.ENOTCONN)
+
+
+def _asking(fn):
+    """fn() (a question, safe to ask twice), asked again while a daemon-reload drops the manager's answer."""
+    for _ in range(RELOAD_RETRIES):
+        try:
+            return fn()
+        except Exception as e:
+            if not _dropped_by_reload(e):
+                raise
+            time.sleep(RELOAD_RETRY_SECONDS)
+    return fn()
+
+
+def _manager_call(method: str, *args, question: bool = False):
     from pystemd.systemd1 import Manager
 
-    try:
+    def call():
         with Manager() as m:
             return getattr(m.Manager, method)(*args)
+    try:
+        return _asking(call) if question else call()
     except Exception as e:
         shown = ", ".join(_text(a) if isinstance(a, (bytes, str)) else repr(a) for a in args)
         raise _fail(f"{method}({shown}) failed", e) from None
@@ -88,14 +115,14 @@ def reload() -> None:
 
 def list_units(patterns: list[str]) -> list[str]:
     """Loaded units (running or not) whose names match any of the glob patterns."""
-    found = _manager_call("ListUnitsByPatterns", [], [p.encode() for p in patterns])
+    found = _manager_call("ListUnitsByPatterns", [], [p.encode() for p in patterns], question=True)
     return sorted({_text(u[0]) for u in found})
 
 
 def jobs() -> list[dict]:
     """The queued jobs: id, unit, type, state and object path."""
     return [{"id": int(j[0]), "unit": _text(j[1]), "type": _text(j[2]), "state": _text(j[3]), "path": _text(j[4])}
-            for j in _manager_call("ListJobs")]
+            for j in _manager_call("ListJobs", question=True)]
 
 
 def unit_file_state(name: str) -> str:
@@ -139,7 +166,7 @@ def unit_state(name: str) -> dict:
     PID, result and main exit status — as plain Python values."""
     from pystemd.systemd1 import Unit
 
-    try:
+    def ask() -> dict:
         with Unit(name.encode(), _autoload=True) as unit:
             state = {
                 "unit": name,
@@ -154,6 +181,8 @@ def unit_state(name: str) -> dict:
                 state["result"] = _text(unit.Service.Result)
                 state["exit_status"] = int(unit.Service.ExecMainStatus)
             return state
+    try:
+        return _asking(ask)
     except Exception as e:
         raise _fail(f"cannot query {name} over D-Bus", e) from None
 
@@ -166,12 +195,14 @@ def busy(names: list[str]) -> list[str]:
     """Those of names that are active, activating, deactivating or have a job queued."""
     from pystemd.systemd1 import Unit
 
+    def at_work(name: str) -> bool:
+        with Unit(name.encode(), _autoload=True) as unit:
+            return _text(unit.Unit.ActiveState) in RUNNING_STATES or bool(unit.Unit.Job[0])
     found = []
     for name in names:
         try:
-            with Unit(name.encode(), _autoload=True) as unit:
-                if _text(unit.Unit.ActiveState) in RUNNING_STATES or unit.Unit.Job[0]:
-                    found.append(name)
+            if _asking(lambda name=name: at_work(name)):
+                found.append(name)
         except Exception as e:
             raise _fail(f"cannot query {name} over D-Bus", e) from None
     return found

@@ -49,3 +49,19 @@ def test_free_space_check_on_a_missing_path_is_an_execution_failure(tmp_path):
     with pytest.raises(OpsError) as e:
         fsutil.check_free_space(tmp_path / "absent", 1)
     assert e.value.reason == Reason.EXECUTION_FAILED
+
+
+def test_stale_temp_files_are_swept_and_nothing_else(tmp_path):
+    from unbounded_agent.fsutil import atomic_write, remove_stale_temps
+
+    (tmp_path / "events").mkdir()
+    atomic_write(tmp_path / "a.json", b"{}")
+    atomic_write(tmp_path / "events" / "journal.json", b"{}")
+    left = [tmp_path / ".a.json.tmp-0a1b2c3d", tmp_path / "events" / ".journal.json.tmp-deadbeef"]
+    for p in left:
+        p.write_bytes(b"half")
+    (tmp_path / ".hidden").write_bytes(b"kept")
+    assert sorted(remove_stale_temps(tmp_path, depth=2)) == sorted(left)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        ".hidden", "a.json", "events", "events/journal.json"]
+    assert remove_stale_temps(tmp_path / "missing") == []

@@ -67,3 +67,54 @@ def test_any_other_answer_is_an_error(manager):
 
 def test_a_state_is_read(manager):
     assert systemd.unit_file_state("unbounded-agent-daemon.service") == "enabled"
+
+
+class ReloadingManager(FakeManager):
+    """A manager whose first answers a daemon-reload drops (its bus connection closes while it reloads)."""
+
+    dropped = 0
+    started: list = []
+
+    def _drop(self):
+        if ReloadingManager.dropped:
+            ReloadingManager.dropped -= 1
+            e = DBusFileNotFoundError(-104)
+            e.err_message = b"Message recipient disconnected from message bus without replying"
+            raise e
+
+    def ListJobs(self):
+        self._drop()
+        return [(7, b"a.service", b"start", b"running", b"/org/freedesktop/systemd1/job/7", b"/u")]
+
+    def StartUnit(self, name, mode):
+        self._drop()
+        ReloadingManager.started.append(name)
+        return b"/org/freedesktop/systemd1/job/8"
+
+
+@pytest.fixture
+def reloading(monkeypatch):
+    monkeypatch.setattr(pystemd.systemd1, "Manager", ReloadingManager)
+    monkeypatch.setattr(systemd, "RELOAD_RETRY_SECONDS", 0)
+    ReloadingManager.started = []
+    return ReloadingManager
+
+
+def test_a_question_whose_answer_a_daemon_reload_dropped_is_asked_again(reloading):
+    reloading.dropped = 3
+    assert [j["unit"] for j in systemd.jobs()] == ["a.service"]
+    assert reloading.dropped == 0
+
+
+def test_a_question_is_not_asked_again_forever(reloading):
+    reloading.dropped = systemd.RELOAD_RETRIES + 5
+    with pytest.raises(systemd.SystemdError, match="disconnected"):
+        systemd.jobs()
+
+
+def test_an_order_is_never_given_twice(reloading):
+    # a start whose answer was lost may have been queued: the caller decides, not the D-Bus layer
+    reloading.dropped = 1
+    with pytest.raises(systemd.SystemdError, match="disconnected"):
+        systemd.start_unit("b.service")
+    assert reloading.started == []

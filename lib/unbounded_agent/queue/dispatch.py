@@ -84,6 +84,7 @@ def run(spool: Spool | None = None) -> None:
                 f"{result.describe()} (queued {result.queued_seconds} s, ran {result.seconds} s)",
                 result="succeeded" if result.succeeded else "failed", reason=result.reason,
                 from_version=result.from_version, to_version=result.to_version)
+            holdpoint.hold(spool.root, "dispatch-before-result")
             finish(cfg, spool, path, result)
             if req.kind in ("upgrade", "rollback"):
                 _forget_chain(req.id)

@@ -295,6 +295,7 @@ def decide(store: Store, id: str, verdict: Verdict | None) -> UpgradeRecord | No
                                                  "while the record could not say so", cause=UNRECORDED,
                                                  blames_release=False), None)
         if verdict is None:
+            holdpoint.hold(store.dir, "probation-before-commit")
             return store.persist(lambda: commit(store, rec))
         failure, invocation = verdict
         failure.journal = journal_lines(systemd.DAEMON_UNIT, rec.phase_time(record.SWITCHING), invocation=invocation)
