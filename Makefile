@@ -106,7 +106,8 @@ check: venv
 # collection order: the longest measured first (tests/conftest.py), then host, package and unit files.
 TEST_WORKERS ?= 4
 TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-test: venv deb rpm
+# The test-host tree is built first, outside the test run: its package downloads are set-up, not test traffic.
+test: venv deb rpm testhost-tree
 	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest $(TEST_PARALLEL) tests/host tests/package tests/unit
 
 test-fast: venv

@@ -49,8 +49,10 @@ def quarantine(host) -> list:
 
 
 def test_the_daemon_unit_bounds_its_stop(host):
+    # the old daemon may take longer to stop (30 s) than the new one has to report ready (readyTimeoutSeconds 8)
     assert unit_seconds(host, DAEMON, "TimeoutStopUSec") == 30
-    assert unit_seconds(host, DAEMON, "TimeoutStopUSec") > unit_seconds(host, DAEMON, "TimeoutStartUSec") == 8
+    # systemd's own start bound is readyTimeoutSeconds plus a margin: probation judges readiness
+    assert unit_seconds(host, DAEMON, "TimeoutStartUSec") == 8 + 30
 
 
 def test_a_healthy_release_after_a_daemon_that_ignores_sigterm_is_committed(host):
