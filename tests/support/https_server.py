@@ -77,7 +77,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif path.startswith("/truncate/"):
-            self._truncated(path[len("/truncate/"):])
+            self._hostile(path[len("/truncate/"):], lambda n: n, lambda data: self.wfile.write(data[: len(data) // 2]))
         elif path.startswith("/short-length/"):
             self._hostile(path[len("/short-length/"):], lambda n: n // 2, lambda data: self.wfile.write(data))
         elif path.startswith("/stall-body/"):
@@ -127,21 +127,6 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Location", location)
         self.send_header("Content-Length", "0")
         self.end_headers()
-
-    def _truncated(self, name: str) -> None:
-        file = self.translate_path("/" + name)
-        if not os.path.isfile(file):
-            self.send_error(404)
-            return
-        with open(file, "rb") as f:
-            data = f.read()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data[: len(data) // 2])
-        self.close_connection = True
 
 
 def notify_ready() -> None:
