@@ -12,7 +12,7 @@ from upgrade_fakes import ID, SECRET, SECRET_URL, agent_body, begin, links, read
 
 from unbounded_agent import layout, records, systemd
 from unbounded_agent.reasons import OpsError, Reason
-from unbounded_agent.upgrade import probation, record, units
+from unbounded_agent.upgrade import crashes, probation, record, units
 from unbounded_agent.upgrade.record import Failure, QuarantineEntry, Store
 
 # the fixtures of upgrade_fakes this module uses, under the names pytest finds them by
@@ -31,7 +31,7 @@ def crashed(status=3, **kw):
             "exec_main_code": "exited", "exec_main_status": status, **kw}
 
 
-def watch(cfg, snaps, clock_start=0.0, expected_version=None):
+def watch(cfg, snaps, clock_start=0.0, expected_version=None, ended=None):
     """probation.watch over a script of snapshots (the last repeats; an exception in it is raised, as a D-Bus
     error would be) and a clock that moves only by sleeps."""
     seq = [s if isinstance(s, Exception) else dict(BASE, **s) for s in snaps]
@@ -44,7 +44,7 @@ def watch(cfg, snaps, clock_start=0.0, expected_version=None):
         return item
 
     return probation.watch(cfg, "old", snapshot=snapshot, clock=lambda: t[0], sleep=lambda s: t.__setitem__(0, t[0] + s),
-                           expected_version=expected_version)
+                           expected_version=expected_version, ended=ended or (lambda invocation: None))
 
 
 READY = {"invocation": "new", "active_state": "active"}
@@ -110,6 +110,37 @@ def test_watch_reports_a_daemon_that_stops_during_the_window(cfg):
 def test_watch_reports_a_daemon_restarted_behind_its_back(cfg, change):
     failure, _ = watch(cfg, [READY, dict(READY, **change)])
     assert "stopped during probation" in failure.detail and failure.blames_release
+
+
+SEGV = crashes.DaemonExit(at="", t=0.0, invocation="new", result="core-dump", exit_code="dumped", exit_status="SEGV")
+
+
+@pytest.mark.parametrize("first,cause", [
+    (READY, probation.STOPPED),
+    ({"invocation": "new", "active_state": "activating", "sub_state": "start", "job": 3}, probation.EXITED_BEFORE_READY),
+])
+def test_a_crash_the_poll_missed_is_told_by_the_exit_the_daemons_exit_hook_kept(cfg, first, cause):
+    """The watched run died and systemd restarted it between two polls: what killed it comes from the exit
+    kept for that invocation, and the journal asked for is the watched run's, not the restarted one's."""
+    restarted = dict(READY, invocation="newer", main_pid=9, n_restarts=1)
+    asked = []
+    failure, invocation = watch(cfg, [first, restarted], ended=lambda inv: asked.append(inv) or SEGV)
+    assert (failure.signal, failure.result, failure.exit_code, failure.cause) == ("SIGSEGV", "core-dump", None, cause)
+    assert invocation == "new" and asked == ["new"] and failure.blames_release
+    assert "restarted" in failure.state and failure.text().endswith("(signal SIGSEGV)")
+    exited = crashes.DaemonExit(at="", t=0.0, invocation="new", result="exit-code", exit_code="exited", exit_status="4")
+    failure, _ = watch(cfg, [first, restarted], ended=lambda inv: exited)
+    assert (failure.exit_code, failure.signal) == (4, None)
+    failure, invocation = watch(cfg, [first, restarted])  # nothing kept: still the watched run's failure
+    assert invocation == "new" and failure.exit_code is None and failure.signal is None
+
+
+def test_the_exit_the_hook_kept_is_found_by_invocation(cfg):
+    store = Store(cfg)
+    store.dir.mkdir(parents=True, exist_ok=True)
+    other = crashes.DaemonExit(at="", t=0.0, invocation="other", exit_code="exited", exit_status="1")
+    records.save(crashes.DaemonExits([SEGV, other]), store.dir / crashes.EXITS_FILE)
+    assert probation._ended(cfg, "new") == SEGV and probation._ended(cfg, "gone") is None
 
 
 def test_a_restart_from_outside_is_watched_again_not_held_against_the_release(cfg):
@@ -246,7 +277,7 @@ def test_the_journal_excerpt_is_bounded(cfg, switched, fake_systemd):
                          manager_lines=[f"Main process exited, code=exited, status={i}" for i in range(100)])
     rec = probation.run(cfg)
     journal = rec.failure.journal
-    assert len(journal) == probation.JOURNAL_LINES and all(len(line) <= 300 for line in journal)
+    assert len(journal) == crashes.JOURNAL_LINES and all(len(line) <= 300 for line in journal)
     assert journal[0].startswith("line 85 ") and journal[-1] == "Main process exited, code=exited, status=99"
 
 

@@ -22,6 +22,7 @@ that lives 15 s is rolled back on its third crash, about 40 s after the first.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 
 from .. import layout, log, records, systemd
 from . import record
@@ -31,6 +32,7 @@ CRASHES = 3
 WINDOW_SECONDS = 600.0
 EXITS_FILE = "daemon-exits.json"
 KEEP = 20
+JOURNAL_LINES = 20
 REQUESTED = frozenset({"stop", "restart", "try-restart", "reload-or-restart", "reload-or-try-restart"})
 
 
@@ -134,7 +136,6 @@ def last_good(lay: layout.Layout, rec: UpgradeRecord) -> str | None:
 
 def failure(store: Store, rec: UpgradeRecord, detail: str) -> Failure:
     """The committed daemon's failure as the record keeps it: the last crash's exit detail and its journal."""
-    from .probation import journal_lines
 
     committed = rec.phase_time(record.COMMITTED)
     to = rec.to.digest if rec.to else None
@@ -151,3 +152,23 @@ def failure(store: Store, rec: UpgradeRecord, detail: str) -> Failure:
         f.signal = f"SIG{last.exit_status}" if last.exit_status and not last.exit_status.startswith("SIG") else last.exit_status
     f.journal = journal_lines(systemd.DAEMON_UNIT, committed, invocation=last.invocation if last else None)
     return f
+
+
+def journal_lines(unit: str, since_epoch: float | None, lines: int = JOURNAL_LINES,
+                  invocation: str | None = None) -> list[str]:
+    """The last lines the failed run of the unit wrote (its invocation when known, else everything since
+    the switch), then systemd's last words about it (exit status)."""
+    def query(*match: str, n: int) -> list[str]:
+        args = ["journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(n), *match]
+        if since_epoch:
+            args += ["--since", f"@{int(since_epoch)}"]
+        try:
+            out = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [line[:300] for line in out.splitlines()[-n:]]
+
+    own = [f"_SYSTEMD_UNIT={unit}"] + ([f"_SYSTEMD_INVOCATION_ID={invocation}"] if invocation else [])
+    manager = [line for line in query(f"UNIT={unit}", "_PID=1", n=lines)
+               if ("exited" in line or "Failed" in line) and "kill control group" not in line]
+    return query(*own, n=lines - 5) + manager[-5:]

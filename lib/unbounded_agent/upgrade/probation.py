@@ -18,14 +18,14 @@ out — a crash meanwhile still shows as a new invocation, MainPID or NRestarts.
 
 from __future__ import annotations
 
-import subprocess
 import time
 import typing
 
 from .. import holdpoint, hostlock, layout, log, program, systemd
 from ..config import Config
 from ..reasons import OpsError, Reason
-from . import record, units
+from . import crashes, record, units
+from .crashes import DaemonExit
 from .record import (
     EXITED_BEFORE_READY,
     INTERRUPTED,
@@ -43,7 +43,6 @@ from .record import (
 
 POLL_SECONDS = 0.2
 MAX_ATTEMPTS = 3  # probation started this often (killed, host stopped) → treat as failed
-JOURNAL_LINES = 20
 DBUS_GRACE_SECONDS = 30.0  # systemd unreachable for this long: probation gives up and runs again
 
 STATUS_PREFIX = "unbounded-agent "  # the daemon's STATUS= begins with its name and version
@@ -74,29 +73,24 @@ def daemon_failure(snap: dict, what: str, cause: str, blames_release: bool = Tru
     return failure, snap.get("invocation")
 
 
+def later_run_failure(snap: dict, watched: str, what: str, cause: str, ended: DaemonExit | None) -> Verdict:
+    """The watched run ended and systemd already restarted it (the poll missed the gap: a busy host, a D-Bus
+    hiccup): its exit detail is the one the daemon's exit hook kept for that invocation, and its journal is
+    the watched run's, not the restarted one's."""
+    failure = Failure(detail=what, cause=cause, state=f"restarted ({_state(snap)})")
+    if ended is not None:
+        failure.result = ended.result
+        status = ended.exit_status or ""
+        if ended.exit_code == "exited" and status.isdigit():
+            failure.exit_code = int(status)
+        elif ended.exit_code in ("killed", "dumped") and status:
+            failure.signal = status if status.startswith("SIG") or status.isdigit() else f"SIG{status}"
+    return failure, watched
+
+
 def not_ready(snap: dict, timeout: float) -> Verdict:
     return daemon_failure(snap, f"the new daemon did not report ready within {timeout:g} s of its start "
                                 f"(state {_state(snap)})", NOT_READY)
-
-
-def journal_lines(unit: str, since_epoch: float | None, lines: int = JOURNAL_LINES,
-                  invocation: str | None = None) -> list[str]:
-    """The last lines the failed run of the unit wrote (its invocation when known, else everything since
-    the switch), then systemd's last words about it (exit status)."""
-    def query(*match: str, n: int) -> list[str]:
-        args = ["journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(n), *match]
-        if since_epoch:
-            args += ["--since", f"@{int(since_epoch)}"]
-        try:
-            out = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return []
-        return [line[:300] for line in out.splitlines()[-n:]]
-
-    own = [f"_SYSTEMD_UNIT={unit}"] + ([f"_SYSTEMD_INVOCATION_ID={invocation}"] if invocation else [])
-    manager = [line for line in query(f"UNIT={unit}", "_PID=1", n=lines)
-               if ("exited" in line or "Failed" in line) and "kill control group" not in line]
-    return query(*own, n=lines - 5) + manager[-5:]
 
 
 def _state(s: dict) -> str:
@@ -106,9 +100,11 @@ def _state(s: dict) -> str:
 class _Watch:
     """One probation watch: the new run, its readiness, its stable window; again after a restart from outside."""
 
-    def __init__(self, cfg: Config, old_invocation: str | None, snapshot, clock, sleep, expected_version=None):
+    def __init__(self, cfg: Config, old_invocation: str | None, snapshot, clock, sleep, expected_version=None,
+                 ended=None):
         self.cfg, self.old, self.snapshot, self.clock, self.sleep = cfg, old_invocation, snapshot, clock, sleep
         self.expected_version = expected_version
+        self.ended = ended or (lambda invocation: _ended(cfg, invocation))
         self.rewatches = 0
         self.unreachable_since: float | None = None
 
@@ -189,7 +185,10 @@ class _Watch:
                         # systemd ended it at TimeoutStartSec= (this bound plus a margin, generator.py): it was
                         # not ready in time either, whoever saw it first
                         return None, not_ready(s, timeout)
-                    return None, daemon_failure(s, "the new daemon exited before it reported ready", EXITED_BEFORE_READY)
+                    what = "the new daemon exited before it reported ready"
+                    if s["invocation"] != inv:
+                        return None, later_run_failure(s, inv, what, EXITED_BEFORE_READY, self.ended(inv))
+                    return None, daemon_failure(s, what, EXITED_BEFORE_READY)
                 if s["active_state"] == "active" and not s["job"]:
                     return s, _lies(s, self.expected_version)
                 if s["active_state"] in ("deactivating", "inactive"):  # a stop asked from outside
@@ -221,7 +220,15 @@ class _Watch:
                                 and (s["job"] or s["active_state"] == "inactive"))))
             if outside:
                 return self.again(base[0], "the daemon was restarted or stopped from outside during probation")[1]
+            if s["invocation"] != base[0]:
+                return later_run_failure(s, base[0], "the new daemon stopped during probation and was restarted",
+                                         STOPPED, self.ended(base[0]))
             return daemon_failure(s, f"the new daemon stopped during probation (state {_state(s)})", STOPPED)
+
+
+def _ended(cfg: Config, invocation: str) -> DaemonExit | None:
+    """How the run `invocation` ended, as the daemon's exit hook kept it; None when it kept nothing."""
+    return next((e for e in reversed(crashes.read_exits(Store(cfg))) if e.invocation == invocation), None)
 
 
 def claimed_version(status_text: str | None) -> str | None:
@@ -244,11 +251,11 @@ def _lies(snap: dict, expected: str | None) -> Verdict | None:
 
 
 def watch(cfg: Config, old_invocation: str | None, snapshot=None, clock=time.monotonic,
-          sleep=time.sleep, expected_version: str | None = None) -> Verdict | None:
+          sleep=time.sleep, expected_version: str | None = None, ended=None) -> Verdict | None:
     """Watch the daemon: None when healthy for the whole window, else the failure and its invocation.
     SystemdError when systemd could not be asked for DBUS_GRACE_SECONDS."""
     snapshot = snapshot or (lambda: systemd.service_snapshot(systemd.DAEMON_UNIT))
-    return _Watch(cfg, old_invocation, snapshot, clock, sleep, expected_version).run()
+    return _Watch(cfg, old_invocation, snapshot, clock, sleep, expected_version, ended).run()
 
 
 def run(cfg: Config) -> UpgradeRecord | None:
@@ -298,7 +305,7 @@ def decide(store: Store, id: str, verdict: Verdict | None) -> UpgradeRecord | No
             holdpoint.hold(store.dir, "probation-before-commit")
             return store.persist(lambda: commit(store, rec))
         failure, invocation = verdict
-        failure.journal = journal_lines(systemd.DAEMON_UNIT, rec.phase_time(record.SWITCHING), invocation=invocation)
+        failure.journal = crashes.journal_lines(systemd.DAEMON_UNIT, rec.phase_time(record.SWITCHING), invocation=invocation)
         try:
             rec = store.persist(lambda: store.advance(rec, record.RECOVERING, failure=failure))
         except OpsError as e:

@@ -27,7 +27,8 @@ from .. import fsutil, holdpoint, hostlock, layout, log, program, records, syste
 from ..config import Config
 from ..reasons import OpsError, Reason
 from . import record, units
-from .probation import daemon_failure, journal_lines
+from .crashes import journal_lines
+from .probation import daemon_failure
 from .record import FAILED_UNDER_SYSTEMD, UNRECORDED, Binary, Failure, QuarantineEntry, RollbackSignal, Store, UpgradeRecord
 
 
