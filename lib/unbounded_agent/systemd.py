@@ -209,31 +209,34 @@ def busy(names: list[str]) -> list[str]:
 
 
 def service_snapshot(name: str) -> dict:
-    """What probation and recovery watch on a service, as plain values."""
+    """What probation and recovery watch on a service, as plain values.
+
+    Each property is its own D-Bus call, so the service can move between two of them. The run and its state
+    are read first and how it ended after: a snapshot that shows a run ended then also shows its exit (read
+    the other way round, a busy host gave "stopped" with no exit code: the code was read while it still ran)."""
     from pystemd.systemd1 import Unit
 
     try:
         with Unit(name.encode(), _autoload=True) as unit:
             svc = unit.Service
-            code = int(svc.ExecMainCode)
             invocation = bytes(unit.Unit.InvocationID).hex()
-            return {
+            snap = {
+                "invocation": invocation if invocation.strip("0") else "",  # all zeros: never started
                 "active_state": _text(unit.Unit.ActiveState),
                 "sub_state": _text(unit.Unit.SubState),
-                "invocation": invocation if invocation.strip("0") else "",  # all zeros: never started
                 "job": int(unit.Unit.Job[0]),
                 "main_pid": int(svc.MainPID),
                 "n_restarts": int(svc.NRestarts),
-                "result": _text(svc.Result),
-                "exec_main_code": _CLD.get(code, str(code) if code else None),
-                "exec_main_status": int(svc.ExecMainStatus),
-                "exec_main_pid": int(svc.ExecMainPID),
                 "status_text": _text(svc.StatusText),  # the service's own STATUS= (sd_notify), "" if none
                 "load_state": _text(unit.Unit.LoadState),
                 # CLOCK_MONOTONIC seconds when this run left "inactive" (its start), 0 if never started
                 "started_monotonic": int(unit.Unit.InactiveExitTimestampMonotonic) / 1e6,
                 "started_realtime": int(unit.Unit.InactiveExitTimestamp) / 1e6,  # the same, since the epoch
             }
+            code = int(svc.ExecMainCode)
+            snap.update(result=_text(svc.Result), exec_main_code=_CLD.get(code, str(code) if code else None),
+                        exec_main_status=int(svc.ExecMainStatus), exec_main_pid=int(svc.ExecMainPID))
+            return snap
     except Exception as e:
         raise _fail(f"cannot query {name} over D-Bus", e) from None
 

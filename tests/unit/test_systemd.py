@@ -118,3 +118,49 @@ def test_an_order_is_never_given_twice(reloading):
     with pytest.raises(systemd.SystemdError, match="disconnected"):
         systemd.start_unit("b.service")
     assert reloading.started == []
+
+
+class CrashingUnit:
+    """A daemon unit that crashes (exit code 3) after the k-th property read of a snapshot: each property is its
+    own D-Bus call, so the service may move between any two of them."""
+
+    crash_after = 0
+
+    def __init__(self, name, _autoload=False):
+        self.reads = 0
+        self.Unit, self.Service = _Props(self), _Props(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def value(self, prop):
+        self.reads += 1
+        ended = self.reads > CrashingUnit.crash_after
+        running = {"ActiveState": b"active", "SubState": b"running", "ExecMainCode": 0, "ExecMainStatus": 0,
+                   "Result": b"success", "MainPID": 7}
+        crashed = {"ActiveState": b"deactivating", "SubState": b"stop-post", "ExecMainCode": 1, "ExecMainStatus": 3,
+                   "Result": b"exit-code", "MainPID": 0}
+        other = {"InvocationID": bytes.fromhex("ab" * 16), "Job": (0, b"/"), "NRestarts": 0, "StatusText": b"",
+                 "LoadState": b"loaded", "InactiveExitTimestampMonotonic": 1, "InactiveExitTimestamp": 1,
+                 "ExecMainPID": 7}
+        return (crashed if ended else running).get(prop, other.get(prop))
+
+
+class _Props:
+    def __init__(self, unit):
+        self._unit = unit
+
+    def __getattr__(self, prop):
+        return self._unit.value(prop)
+
+
+@pytest.mark.parametrize("crash_after", range(16))
+def test_a_snapshot_that_shows_a_run_ended_also_shows_how(monkeypatch, crash_after):
+    monkeypatch.setattr(pystemd.systemd1, "Unit", CrashingUnit)
+    CrashingUnit.crash_after = crash_after
+    snap = systemd.service_snapshot(systemd.DAEMON_UNIT)
+    if snap["active_state"] != "active":
+        assert (snap["exec_main_code"], snap["exec_main_status"], snap["result"]) == ("exited", 3, "exit-code")
