@@ -1,13 +1,16 @@
 """systemd over D-Bus through pystemd: the one place the toolset talks to systemd1 and machine1.
 
 pystemd is imported inside each call, so a program that never talks to systemd (``unbounded-agent
-version``) never pays for it. Every failure — bus unreachable, access denied, a unit systemd refuses —
+version``) never pays for it. Each call opens one bus connection and asks by name and D-Bus type: pystemd's
+objects open a connection per property and introspect first, which made a probation poll cost 8 ms of CPU
+(and systemd's own time to describe its interfaces) where 0.5 ms does. Every failure — bus unreachable, access denied, a unit systemd refuses —
 raises ``SystemdError``, whose message carries the D-Bus error's name and text; callers decide what it
 means for them (the reset fails closed on it, the upgrade records it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from .reasons import describe_error
@@ -68,12 +71,57 @@ def _asking(fn):
     return fn()
 
 
-def _manager_call(method: str, *args, question: bool = False):
-    from pystemd.systemd1 import Manager
+_SYSTEMD = b"org.freedesktop.systemd1"
+_MANAGER_PATH, _MANAGER = b"/org/freedesktop/systemd1", b"org.freedesktop.systemd1.Manager"
+# The manager's methods the toolset calls, with their D-Bus argument signatures (org.freedesktop.systemd1(5)).
+_SIGNATURES = {"StartUnit": "ss", "RestartUnit": "ss", "StopUnit": "ss", "ResetFailedUnit": "s", "KillUnit": "ssi",
+               "DisableUnitFiles": "asb", "Reload": "", "ListUnitsByPatterns": "asas", "ListUnitsByNames": "as",
+               "ListJobs": "", "GetUnitFileState": "s", "ListMachines": "", "KillMachine": "ssi"}
+# The unit properties read, with their D-Bus types.
+_UNIT_PROPS = {"ActiveState": "s", "SubState": "s", "LoadState": "s", "UnitFileState": "s", "InvocationID": "ay",
+               "Job": "(uo)", "InactiveExitTimestampMonotonic": "t", "InactiveExitTimestamp": "t",
+               "StartLimitIntervalUSec": "t"}
+_SERVICE_PROPS = {"MainPID": "u", "NRestarts": "u", "StatusText": "s", "Result": "s", "ExecMainCode": "i",
+                  "ExecMainStatus": "i", "ExecMainPID": "u"}
 
+
+@contextlib.contextmanager
+def _connected():
+    """One connection to the system bus for one question or order."""
+    from pystemd.dbuslib import DBus
+
+    bus = DBus()
+    bus.open()
+    try:
+        yield bus
+    finally:
+        bus.close()
+
+
+def _call(bus, method: str, *args, to: tuple[bytes, bytes, bytes] = (_SYSTEMD, _MANAGER_PATH, _MANAGER)):
+    from pystemd.dbuslib import apply_signature
+
+    return bus.call_method(*to, method.encode(), apply_signature(_SIGNATURES[method].encode(), list(args))).body
+
+
+class _Unit:
+    """One unit's properties over an open connection, each read by name (no introspection)."""
+
+    def __init__(self, bus, name: str):
+        from pystemd.dbuslib import path_encode
+
+        self.bus, self.path = bus, path_encode(b"/org/freedesktop/systemd1/unit", name.encode())
+
+    def __getitem__(self, prop: str):
+        iface, kind = ((b"org.freedesktop.systemd1.Unit", _UNIT_PROPS[prop]) if prop in _UNIT_PROPS
+                       else (b"org.freedesktop.systemd1.Service", _SERVICE_PROPS[prop]))
+        return self.bus.get_property(_SYSTEMD, self.path, iface, prop.encode(), kind.encode())
+
+
+def _manager_call(method: str, *args, question: bool = False):
     def call():
-        with Manager() as m:
-            return getattr(m.Manager, method)(*args)
+        with _connected() as bus:
+            return _call(bus, method, *args)
     try:
         return _asking(call) if question else call()
     except Exception as e:
@@ -129,21 +177,19 @@ def unit_file_state(name: str) -> str:
     """UnitFileState (enabled, disabled, static, masked ...): "not-found" only when systemd answers that no
     unit file exists. Any other error raises — above all a bus that cannot be reached, which pystemd reports
     with the same errno as a missing file: a state that cannot be read is never taken for "not enabled"."""
-    from pystemd.systemd1 import Manager
-
-    manager = Manager()
     try:
-        m = manager.__enter__()
+        bus = _connected()
+        connection = bus.__enter__()
     except Exception as e:
         raise _fail(f"cannot read the unit file state of {name}", e) from None
     try:
-        return _text(m.Manager.GetUnitFileState(name.encode()))
+        return _text(_call(connection, "GetUnitFileState", name.encode()))
     except Exception as e:
         if _no_such_unit(e):
             return "not-found"
         raise _fail(f"cannot read the unit file state of {name}", e) from None
     finally:
-        manager.__exit__(None, None, None)
+        bus.__exit__(None, None, None)
 
 
 def _no_such_unit(e: BaseException) -> bool:
@@ -164,22 +210,21 @@ def enabled(file_state: str) -> bool:
 def unit_state(name: str) -> dict:
     """The unit's load, active and sub state, file state, queued job, and for a loaded service its main
     PID, result and main exit status — as plain Python values."""
-    from pystemd.systemd1 import Unit
-
     def ask() -> dict:
-        with Unit(name.encode(), _autoload=True) as unit:
+        with _connected() as bus:
+            unit = _Unit(bus, name)
             state = {
                 "unit": name,
-                "load_state": _text(unit.Unit.LoadState),
-                "active_state": _text(unit.Unit.ActiveState),
-                "sub_state": _text(unit.Unit.SubState),
-                "unit_file_state": _text(unit.Unit.UnitFileState),
-                "job": int(unit.Unit.Job[0]),
+                "load_state": _text(unit["LoadState"]),
+                "active_state": _text(unit["ActiveState"]),
+                "sub_state": _text(unit["SubState"]),
+                "unit_file_state": _text(unit["UnitFileState"]),
+                "job": int(unit["Job"][0]),
             }
             if name.endswith(".service") and state["load_state"] == "loaded":
-                state["main_pid"] = int(unit.Service.MainPID)
-                state["result"] = _text(unit.Service.Result)
-                state["exit_status"] = int(unit.Service.ExecMainStatus)
+                state["main_pid"] = int(unit["MainPID"])
+                state["result"] = _text(unit["Result"])
+                state["exit_status"] = int(unit["ExecMainStatus"])
             return state
     try:
         return _asking(ask)
@@ -192,20 +237,16 @@ def running(state: dict) -> bool:
 
 
 def busy(names: list[str]) -> list[str]:
-    """Those of names that are active, activating, deactivating or have a job queued."""
-    from pystemd.systemd1 import Unit
-
-    def at_work(name: str) -> bool:
-        with Unit(name.encode(), _autoload=True) as unit:
-            return _text(unit.Unit.ActiveState) in RUNNING_STATES or bool(unit.Unit.Job[0])
-    found = []
-    for name in names:
-        try:
-            if _asking(lambda name=name: at_work(name)):
-                found.append(name)
-        except Exception as e:
-            raise _fail(f"cannot query {name} over D-Bus", e) from None
-    return found
+    """Those of names that are active, activating, deactivating or have a job queued (one question for all)."""
+    if not names:
+        return []
+    try:
+        found = _manager_call("ListUnitsByNames", [n.encode() for n in names], question=True)
+    except SystemdError as e:
+        raise SystemdError(f"cannot query {', '.join(names)} over D-Bus: {e}") from None
+    # (name, description, load, active, sub, following, path, job id, job type, job path)
+    at_work = {_text(u[0]) for u in found if _text(u[3]) in RUNNING_STATES or int(u[7])}
+    return [n for n in names if n in at_work]
 
 
 def service_snapshot(name: str) -> dict:
@@ -214,39 +255,37 @@ def service_snapshot(name: str) -> dict:
     Each property is its own D-Bus call, so the service can move between two of them. The run and its state
     are read first and how it ended after: a snapshot that shows a run ended then also shows its exit (read
     the other way round, a busy host gave "stopped" with no exit code: the code was read while it still ran)."""
-    from pystemd.systemd1 import Unit
-
-    try:
-        with Unit(name.encode(), _autoload=True) as unit:
-            svc = unit.Service
-            invocation = bytes(unit.Unit.InvocationID).hex()
+    def ask() -> dict:
+        with _connected() as bus:
+            unit = _Unit(bus, name)
+            invocation = bytes(unit["InvocationID"]).hex()
             snap = {
                 "invocation": invocation if invocation.strip("0") else "",  # all zeros: never started
-                "active_state": _text(unit.Unit.ActiveState),
-                "sub_state": _text(unit.Unit.SubState),
-                "job": int(unit.Unit.Job[0]),
-                "main_pid": int(svc.MainPID),
-                "n_restarts": int(svc.NRestarts),
-                "status_text": _text(svc.StatusText),  # the service's own STATUS= (sd_notify), "" if none
-                "load_state": _text(unit.Unit.LoadState),
+                "active_state": _text(unit["ActiveState"]),
+                "sub_state": _text(unit["SubState"]),
+                "job": int(unit["Job"][0]),
+                "main_pid": int(unit["MainPID"]),
+                "n_restarts": int(unit["NRestarts"]),
+                "status_text": _text(unit["StatusText"]),  # the service's own STATUS= (sd_notify), "" if none
+                "load_state": _text(unit["LoadState"]),
                 # CLOCK_MONOTONIC seconds when this run left "inactive" (its start), 0 if never started
-                "started_monotonic": int(unit.Unit.InactiveExitTimestampMonotonic) / 1e6,
-                "started_realtime": int(unit.Unit.InactiveExitTimestamp) / 1e6,  # the same, since the epoch
+                "started_monotonic": int(unit["InactiveExitTimestampMonotonic"]) / 1e6,
+                "started_realtime": int(unit["InactiveExitTimestamp"]) / 1e6,  # the same, since the epoch
             }
-            code = int(svc.ExecMainCode)
-            snap.update(result=_text(svc.Result), exec_main_code=_CLD.get(code, str(code) if code else None),
-                        exec_main_status=int(svc.ExecMainStatus), exec_main_pid=int(svc.ExecMainPID))
+            code = int(unit["ExecMainCode"])
+            snap.update(result=_text(unit["Result"]), exec_main_code=_CLD.get(code, str(code) if code else None),
+                        exec_main_status=int(unit["ExecMainStatus"]), exec_main_pid=int(unit["ExecMainPID"]))
             return snap
+    try:
+        return ask()
     except Exception as e:
         raise _fail(f"cannot query {name} over D-Bus", e) from None
 
 
-def unit_property(name: str, interface: str, prop: str):
-    from pystemd.systemd1 import Unit
-
+def unit_property(name: str, prop: str):
     try:
-        with Unit(name.encode(), _autoload=True) as unit:
-            return getattr(getattr(unit, interface), prop)
+        with _connected() as bus:
+            return _Unit(bus, name)[prop]
     except Exception as e:
         raise _fail(f"cannot query {name} over D-Bus", e) from None
 
@@ -276,22 +315,21 @@ def wait_jobs_done(job_paths: list[str], poll: float = 0.1, on_poll=None) -> Non
 # -- machined ---------------------------------------------------------------------------------------
 
 
+_MACHINED = (b"org.freedesktop.machine1", b"/org/freedesktop/machine1", b"org.freedesktop.machine1.Manager")
+
+
 def list_machines() -> set[str]:
     """Names of the machines systemd-machined lists."""
-    from pystemd.machine1 import Manager
-
     try:
-        with Manager() as m:
-            return {_text(entry[0]) for entry in m.Manager.ListMachines()}
+        with _connected() as bus:
+            return {_text(entry[0]) for entry in _call(bus, "ListMachines", to=_MACHINED)}
     except Exception as e:
         raise _fail("cannot list machines through systemd-machined", e) from None
 
 
 def kill_machine(name: str, who: str, signal: int) -> None:
-    from pystemd.machine1 import Manager
-
     try:
-        with Manager() as m:
-            m.Manager.KillMachine(name.encode(), who.encode(), signal)
+        with _connected() as bus:
+            _call(bus, "KillMachine", name.encode(), who.encode(), signal, to=_MACHINED)
     except Exception as e:
         raise _fail(f"cannot kill machine {name}", e) from None

@@ -166,8 +166,8 @@ class FakeSystemd:
             return snap
         return dict(self.daemon)
 
-    def unit_property(self, name, interface, prop):
-        assert (name, interface, prop) == (systemd.DAEMON_UNIT, "Unit", "StartLimitIntervalUSec")
+    def unit_property(self, name, prop):
+        assert (name, prop) == (systemd.DAEMON_UNIT, "StartLimitIntervalUSec")
         return self.start_limit_usec
 
     def daemon_crashed(self, status: int = 3, **changes) -> None:

@@ -284,7 +284,7 @@ def _after_start_limit(why: str) -> str | None:
 
 def _start_limit_interval() -> float:
     try:
-        usec = int(systemd.unit_property(systemd.DAEMON_UNIT, "Unit", "StartLimitIntervalUSec"))
+        usec = int(systemd.unit_property(systemd.DAEMON_UNIT, "StartLimitIntervalUSec"))
     except (systemd.SystemdError, ValueError, TypeError):
         return 65.0
     if usec <= 0 or usec >= 2**63:
