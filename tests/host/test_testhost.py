@@ -121,7 +121,7 @@ def test_teardown_leaves_no_mount_or_process(testhost_factory):
         host.run(["systemd-run", "--unit=busy", "/usr/bin/sleep", "infinity"])
     assert f" {merged} " not in mountinfo()
     assert not workdir.exists()
-    assert host.nspawn.returncode == 0  # reaped, after an orderly poweroff
+    assert host.nspawn.returncode is not None  # reaped (killed: the host is thrown away, not shut down)
     assert not Path(f"/proc/{init_pid}").exists()
 
 
