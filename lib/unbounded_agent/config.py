@@ -108,7 +108,8 @@ def parse(raw: bytes, path: str) -> dict:
     import yaml  # only paid for when a config file exists
 
     try:
-        data = yaml.safe_load(raw)
+        # libyaml's loader where the system has it (Debian's python3-yaml does): the same YAML, a tenth of the time
+        data = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 (a safe loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

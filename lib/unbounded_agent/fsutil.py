@@ -5,7 +5,6 @@ the final name, never a partial file or a dangling half-made link.
 """
 
 import os
-import secrets
 from pathlib import Path
 
 from .reasons import OpsError, Reason
@@ -21,7 +20,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def _temp_name(final: Path) -> Path:
     # Hidden, unique and in the same directory, so rename() is atomic and never crosses filesystems.
-    return final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
+    return final.with_name(f".{final.name}.tmp-{os.urandom(4).hex()}")
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import secrets
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ _ENTRY = re.compile(r"[0-9]{20}-[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?\.(request|cla
 
 def new_id(kind: str) -> str:
     """A request id: unique, sortable by time, and valid as a unit instance and a file name."""
-    return f"{kind}-{time.strftime('%Y%m%dt%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    return f"{kind}-{time.strftime('%Y%m%dt%H%M%S', time.gmtime())}-{os.urandom(3).hex()}"
 
 
 @dataclasses.dataclass
