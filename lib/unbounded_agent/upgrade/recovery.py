@@ -213,6 +213,9 @@ def _snapshot() -> dict:
         return {}
 
 
+MTIME_TICK_SECONDS = 0.02  # one tick of the kernel's coarse clock, at HZ=100 and a margin
+
+
 def _flipped_at(lay: layout.Layout) -> float | None:
     """When current was last pointed somewhere (a link is replaced, never changed: its own mtime)."""
     try:
@@ -231,8 +234,10 @@ def restart_daemon(ready_seconds: float, since: float | None = None) -> tuple[st
     snap = _snapshot()
     if snap.get("load_state") == "masked":
         return "masked", f"{systemd.DAEMON_UNIT} is masked (systemctl unmask it, then start it)"
+    # a file's mtime comes from the kernel's coarse clock (a tick behind at most): a run started within a tick
+    # before the flip must not pass for one started after it
     if since and snap.get("active_state") == "active" and not snap.get("job") and \
-            (snap.get("started_realtime") or 0) >= since:
+            (snap.get("started_realtime") or 0) >= since + MTIME_TICK_SECONDS:
         return "active", ""
     try:
         systemd.reset_failed(systemd.DAEMON_UNIT)
