@@ -3,8 +3,8 @@
 pystemd is imported inside each call, so a program that never talks to systemd (``unbounded-agent
 version``) never pays for it. Each call opens one bus connection and asks by name and D-Bus type: pystemd's
 objects open a connection per property and introspect first, which made a probation poll cost 8 ms of CPU
-(and systemd's own time to describe its interfaces) where 0.5 ms does. Every failure — bus unreachable, access denied, a unit systemd refuses —
-raises ``SystemdError``, whose message carries the D-Bus error's name and text; callers decide what it
+(and systemd's own time to describe its interfaces) where 0.5 ms does. Every failure — bus unreachable,
+access denied, a unit systemd refuses — raises ``SystemdError``, whose message carries the D-Bus error's name and text; callers decide what it
 means for them (the reset fails closed on it, the upgrade records it).
 """
 
@@ -85,13 +85,18 @@ _SERVICE_PROPS = {"MainPID": "u", "NRestarts": "u", "StatusText": "s", "Result":
                   "ExecMainStatus": "i", "ExecMainPID": "u"}
 
 
-@contextlib.contextmanager
-def _connected():
-    """One connection to the system bus for one question or order."""
+def _open():
     from pystemd.dbuslib import DBus
 
     bus = DBus()
     bus.open()
+    return bus
+
+
+@contextlib.contextmanager
+def _connected():
+    """One connection to the system bus for one question or order."""
+    bus = _open()
     try:
         yield bus
     finally:
@@ -178,18 +183,17 @@ def unit_file_state(name: str) -> str:
     unit file exists. Any other error raises — above all a bus that cannot be reached, which pystemd reports
     with the same errno as a missing file: a state that cannot be read is never taken for "not enabled"."""
     try:
-        bus = _connected()
-        connection = bus.__enter__()
+        bus = _open()
     except Exception as e:
         raise _fail(f"cannot read the unit file state of {name}", e) from None
     try:
-        return _text(_call(connection, "GetUnitFileState", name.encode()))
+        return _text(_call(bus, "GetUnitFileState", name.encode()))
     except Exception as e:
         if _no_such_unit(e):
             return "not-found"
         raise _fail(f"cannot read the unit file state of {name}", e) from None
     finally:
-        bus.__exit__(None, None, None)
+        bus.close()
 
 
 def _no_such_unit(e: BaseException) -> bool:

@@ -140,7 +140,7 @@ def test_the_exit_the_hook_kept_is_found_by_invocation(cfg):
     store.dir.mkdir(parents=True, exist_ok=True)
     other = crashes.DaemonExit(at="", t=0.0, invocation="other", exit_code="exited", exit_status="1")
     records.save(crashes.DaemonExits([SEGV, other]), store.dir / crashes.EXITS_FILE)
-    assert probation._ended(cfg, "new") == SEGV and probation._ended(cfg, "gone") is None
+    assert crashes.exit_of(store, "new") == SEGV and crashes.exit_of(store, "gone") is None
 
 
 def test_a_restart_from_outside_is_watched_again_not_held_against_the_release(cfg):

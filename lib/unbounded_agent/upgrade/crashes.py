@@ -48,6 +48,19 @@ class DaemonExit:
     exit_status: str | None = None  # EXIT_STATUS: a number, or a signal name
     digest: str | None = None  # the binary current selected
 
+    def fill(self, failure: Failure) -> Failure:
+        """Put how this run ended (result, exit code or signal) on a failure the record keeps."""
+        failure.result = self.result
+        status = self.exit_status or ""
+        if self.exit_code == "exited":
+            try:
+                failure.exit_code = int(status)
+            except ValueError:
+                failure.signal = status or None
+        elif self.exit_code in ("killed", "dumped") and status:
+            failure.signal = status if status.startswith("SIG") else f"SIG{status}"
+        return failure
+
     def text(self) -> str:
         how = {"exited": "exit code", "killed": "signal", "dumped": "signal (core dumped)"}.get(self.exit_code or "", "")
         return f"{how} {self.exit_status}".strip() or (self.result or "ended")
@@ -69,6 +82,11 @@ def read_exits(store: Store) -> list[DaemonExit]:
         log.warn(f"ignoring {e}")
         return []
     return list(doc.exits) if doc else []
+
+
+def exit_of(store: Store, invocation: str) -> DaemonExit | None:
+    """How the run `invocation` ended, as the exit hook kept it; None when it kept nothing."""
+    return next((e for e in reversed(read_exits(store)) if e.invocation == invocation), None)
 
 
 def stop_requested() -> bool | None:
@@ -141,15 +159,9 @@ def failure(store: Store, rec: UpgradeRecord, detail: str) -> Failure:
     to = rec.to.digest if rec.to else None
     mine = [e for e in read_exits(store) if committed is None or (e.t >= committed and e.digest == to)]
     last = mine[-1] if mine else None
-    f = Failure(detail=detail, cause=CRASHED_AFTER_COMMIT, result=last.result if last else None,
-                state="crash-looping after commit")
-    if last and last.exit_code == "exited":
-        try:
-            f.exit_code = int(last.exit_status or "")
-        except ValueError:
-            f.signal = last.exit_status
-    elif last and last.exit_code in ("killed", "dumped"):
-        f.signal = f"SIG{last.exit_status}" if last.exit_status and not last.exit_status.startswith("SIG") else last.exit_status
+    f = Failure(detail=detail, cause=CRASHED_AFTER_COMMIT, state="crash-looping after commit")
+    if last:
+        last.fill(f)
     f.journal = journal_lines(systemd.DAEMON_UNIT, committed, invocation=last.invocation if last else None)
     return f
 

@@ -78,14 +78,7 @@ def later_run_failure(snap: dict, watched: str, what: str, cause: str, ended: Da
     hiccup): its exit detail is the one the daemon's exit hook kept for that invocation, and its journal is
     the watched run's, not the restarted one's."""
     failure = Failure(detail=what, cause=cause, state=f"restarted ({_state(snap)})")
-    if ended is not None:
-        failure.result = ended.result
-        status = ended.exit_status or ""
-        if ended.exit_code == "exited" and status.isdigit():
-            failure.exit_code = int(status)
-        elif ended.exit_code in ("killed", "dumped") and status:
-            failure.signal = status if status.startswith("SIG") or status.isdigit() else f"SIG{status}"
-    return failure, watched
+    return (ended.fill(failure) if ended is not None else failure), watched
 
 
 def not_ready(snap: dict, timeout: float) -> Verdict:
@@ -104,7 +97,7 @@ class _Watch:
                  ended=None):
         self.cfg, self.old, self.snapshot, self.clock, self.sleep = cfg, old_invocation, snapshot, clock, sleep
         self.expected_version = expected_version
-        self.ended = ended or (lambda invocation: _ended(cfg, invocation))
+        self.ended = ended or (lambda invocation: crashes.exit_of(Store(cfg), invocation))
         self.rewatches = 0
         self.unreachable_since: float | None = None
 
@@ -224,11 +217,6 @@ class _Watch:
                 return later_run_failure(s, base[0], "the new daemon stopped during probation and was restarted",
                                          STOPPED, self.ended(base[0]))
             return daemon_failure(s, f"the new daemon stopped during probation (state {_state(s)})", STOPPED)
-
-
-def _ended(cfg: Config, invocation: str) -> DaemonExit | None:
-    """How the run `invocation` ended, as the daemon's exit hook kept it; None when it kept nothing."""
-    return next((e for e in reversed(crashes.read_exits(Store(cfg))) if e.invocation == invocation), None)
 
 
 def claimed_version(status_text: str | None) -> str | None:
