@@ -70,8 +70,8 @@ def start_watchdog(alive, stop: threading.Event, notify=systemd.notify) -> threa
 
 # Every module of this package the daemon can reach, imported inside functions included (test_daemon.py
 # checks the list against the code).
-PRELOAD = ("config", "fsutil", "log", "records", "reasons", "systemd", "urls", "version", "queue.spool",
-           "upgrade.record", "kube.adoption", "kube.aftercommit", "kube.client", "kube.listwatch", "kube.mop", "kube.progress",
+PRELOAD = ("config", "fsutil", "kubeconfig", "log", "program", "records", "reasons", "systemd", "urls", "version", "queue.spool",
+           "upgrade.record", "reset.reporter_kit", "reset.reports", "kube.adoption", "kube.aftercommit", "kube.client", "kube.listwatch", "kube.mop", "kube.progress",
            "kube.events", "kube.reset_driver", "kube.standalone", "kube.status", "kube.upgrade_driver", "kube.watcher")
 
 
@@ -82,7 +82,7 @@ def preload() -> None:
         importlib.import_module(f"{__package__}.{name}")
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, annotate: bool = True) -> int:
     preload()
     from .kube import client as kubeclient
     from .kube import standalone, watcher
@@ -106,8 +106,31 @@ def run(cfg: Config) -> int:
         standalone.run_standalone(cfg, stop, systemd.notify)
     else:
         w = watcher.Watcher(cfg, notify=systemd.notify)
+        w.api.machine_annotated = not annotate  # the reset's reporter is not the agent: no version on the Machine
         start_watchdog(lambda max_age: time.monotonic() - w.heartbeat < max_age, stop)
         w.run(stop)
     systemd.notify(STOPPING=1)
     log.info("stopped")
     return 0
+
+
+def report_reset() -> int:
+    """``unbounded-agent-reset-reporter.service``: this watcher, run from the toolset on the copy of the agent's
+    config and credentials that a reset kept (reset/reporter_kit.py), in the place of a daemon that stopped
+    after its files were removed and cannot start again. It follows the reset from the host's queue like a
+    restarted daemon (kube/adoption.py): publishes it, acknowledges its gate, and is stopped with the daemon's
+    turn in the reset. It is not the agent: it does not annotate the Machine with a version."""
+    import sys
+
+    from . import config, program
+    from .reset import reporter_kit
+    from .reset.reports import reset_dir
+
+    program.parser("unbounded-agent-reset-reporter", report_reset.__doc__).parse_args(sys.argv[1:])
+    log.set_prefix("unbounded-agent-reset-reporter")
+    held = reporter_kit.config_path(reset_dir())
+    if held is None:
+        log.error(f"nothing to report from: no copy of the agent's config in {reporter_kit.kit_dir(reset_dir())}")
+        return 1
+    return program.run("unbounded-agent-reset-reporter", lambda: run(config.load(str(held)), annotate=False),
+                       config=False)

@@ -4,9 +4,9 @@ always ends in a terminal phase, and the reset runs once.
 - Before the agent's files go (queued, in phase 1): the restarted daemon follows its request to Complete.
 - While the agent's files go (its state already gone, its config and binary not yet): the restarted daemon has
   lost its progress, finds the request in the host's queue, and follows it to Complete.
-- After they are gone the daemon cannot start again; the dispatcher sees it has no process and finishes the
-  reset. Complete already published stays; a Complete not yet published is published by the next agent
-  installed on the machine, from the reset's result in the host's queue (which a reset keeps).
+- After they are gone the daemon cannot start again. Complete already published stays; a Complete not yet
+  published is published by the reset's reporter, which the dispatcher starts in the daemon's place from the
+  copy of the config and credentials the reset kept.
 """
 
 import json
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.testhost
 
 SEED = "/usr/libexec/unbounded-agent/unbounded-agent-seed-slots"
 REMOVE_AGENT = "unbounded-agent-reset-remove-agent.service"
+REPORTER = "unbounded-agent-reset-reporter.service"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,6 @@ def test_a_daemon_restarted_during_a_reset_ends_it_once_and_terminal(env, point)
     elif point == "phase 2":
         hold_step(host, "stop-daemon")
     kube.apply(mop(name, host.name, "AgentReset"))
-    reinstalled = False
     try:
         if point == "queued":
             wait_point(host, OPS, "dispatch-claimed")
@@ -140,17 +140,15 @@ def test_a_daemon_restarted_during_a_reset_ends_it_once_and_terminal(env, point)
         kube.server.resume()
     assert_ran_once(host, name)
     if point == "at the gate, Complete unsaid":
-        # nobody could say it: the daemon has no files to start from. It stays InProgress until an agent runs
-        # on this machine again, which publishes the result the host's queue kept, and runs nothing.
-        assert phase(kube, name) == "InProgress"
-        assert "has no process" in journal_of(host, DISPATCH)
-        install_agent(host, kube)
-        reinstalled = True
+        # The daemon has no files to start from: the reporter says it in its place, from the copy of the config
+        # and credentials the reset kept, and goes with that copy when the reset stops the daemon.
+        assert "to report in its place" in journal_of(host, DISPATCH)
+        assert f"AgentReset {name}: reported; the reset goes on" in journal_of(host, REPORTER)
+        assert host.run(["systemctl", "is-active", REPORTER], check=False).stdout.strip() == "inactive"
+        assert not host.path(f"{RESET_DIR}/reporter").exists()
     wait_until(f"{name} to end", lambda: phase(kube, name) in ("Complete", "Failed"), timeout=120)
     assert phase(kube, name) == "Complete", kube.condition(name)
     assert first_step_starts(host) == starts_before + 1
-    assert not host.path("/var/lib/unbounded-agent").exists() or reinstalled
+    assert not host.path("/var/lib/unbounded-agent").exists()
     if point in ("removing the agent's files",):
         assert "following it" in journal_of(host)  # the restarted daemon had lost its progress
-    if reinstalled:  # leave the host as the next test expects it: reset
-        host.run(["/usr/libexec/unbounded-agent/unbounded-agent", "reset"], timeout=300)

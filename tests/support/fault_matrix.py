@@ -376,6 +376,10 @@ class Matrix:
             out.problems.append("the reset's checkpoint is left")
         if sh(h, f"systemctl is-active {uh.DAEMON}").strip() == "active":
             out.problems.append("the daemon runs after the reset")
+        if sh(h, "systemctl is-active unbounded-agent-reset-reporter.service").strip() == "active":
+            out.problems.append("the reset's reporter runs after the reset")
+        if h.path(f"{RESET_DIR}/reporter").exists():
+            out.problems.append("the copy of the config and credentials kept for the report is left")
 
     def _check_mop(self, out: TrialOutcome, name: str, res: dict) -> None:
         want = "Complete" if res["succeeded"] else "Failed"

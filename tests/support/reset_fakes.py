@@ -62,6 +62,13 @@ class ResetRun:
     def run(self, step):
         return run_step(step, directory=self.dir, root=str(self.root), systemd=self.units)
 
+    def context(self):
+        """A step's Context on this run's root, for a look at a plan."""
+        from unbounded_agent.reset.step import Context
+
+        return Context(machine_name="node-7", bin_dirs=(), state_dirs=(), root=str(self.root), systemd=self.units,
+                       directory=str(self.dir))
+
     def run_phase(self, phase: int, but=()):
         return [self.run(s) for s in of_phase(phase) if s not in but]
 

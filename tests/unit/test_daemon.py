@@ -222,3 +222,24 @@ def test_preloaded_the_daemon_needs_no_file_of_its_zipapp(tmp_path):
     control = subprocess.run(["/usr/bin/python3", "-I", "-c", script.replace("daemon.preload()\n", "")],
                              capture_output=True, text=True, timeout=60)
     assert control.returncode != 0  # without the preload the same imports need the removed file
+
+
+def test_the_reset_reporter_runs_the_watcher_on_the_copy_the_reset_kept(tmp_path, monkeypatch):
+    from unbounded_agent.reset import reporter_kit
+
+    monkeypatch.setenv("UNBOUNDED_AGENT_OPS_DIR", str(tmp_path / "ops"))
+    monkeypatch.setattr(sys, "argv", ["unbounded-agent-reset-reporter"])
+    ran = []
+    monkeypatch.setattr(daemon, "run", lambda cfg, annotate=True: ran.append((cfg, annotate)) or 0)
+    assert daemon.report_reset() == 1 and ran == []  # nothing kept: nothing to report from
+    (tmp_path / "kubeconfig").write_text("current-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+                                         "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+                                         "users: [{name: u, user: {token: t}}]\n")
+    (tmp_path / "config.yaml").write_text(f"machineName: node-7\nkubeconfig: {tmp_path / 'kubeconfig'}\n")
+    (tmp_path / "ops" / "reset").mkdir(parents=True)
+    reporter_kit.hold(tmp_path / "ops" / "reset", "run-1", str(tmp_path / "config.yaml"))
+    assert daemon.report_reset() == 0
+    ((cfg, annotate),) = ran
+    kit = tmp_path / "ops" / "reset" / "reporter"
+    assert (cfg.machine_name, cfg.kubeconfig, cfg.state_dir, annotate) == ("node-7", str(kit / "kubeconfig"),
+                                                                           kit / "state", False)

@@ -39,6 +39,22 @@ def test_a_reset_whose_progress_was_lost_is_followed_to_complete_from_its_reques
     assert h.dispatcher.submitted() == [req.id]  # never run again
 
 
+def test_a_gate_open_before_it_starts_is_acknowledged_only_after_it_has_reported(h):
+    """The reset's reporter (or a daemon restarted after remove-agent) starts with the gate already open and no
+    progress: what is there to report is known only once it has listed. It reports, then lets the gate go."""
+    req = lose_progress(h, "reset")
+    h.dispatcher.claim(req)
+    h.dispatcher.open_gate(req)
+    h.partition_agent()  # it cannot list yet
+    h.start()
+    h.settle(3)
+    assert not h.dispatcher.acked(req)
+    h.partition_agent(cut=False)
+    wait_for("the ack", lambda: h.dispatcher.acked(req))
+    assert h.phase("reset") == "Complete" and h.condition("reset")["message"] == GATE_MESSAGE
+    assert h.dispatcher.submitted() == [req.id]
+
+
 def test_a_result_written_while_no_agent_could_report_is_published_by_the_next_agent(h):
     req = lose_progress(h, "reset")
     h.dispatcher.succeed(req, "reset complete: the agent, its machines, links, keys and routing are gone")

@@ -167,7 +167,7 @@ def test_a_reset_supersedes_what_is_queued_behind_it_but_not_another_reset(spool
 
 
 def test_a_reset_with_a_report_gate_waits_for_the_ack_before_stopping_the_daemon(spool, ops, monkeypatch):
-    monkeypatch.setattr(dispatch, "_daemon_can_report", lambda: True)
+    monkeypatch.setattr(dispatch, "_can_report", lambda unit: True)
     monkeypatch.setattr(dispatch, "GATE_POLL_SECONDS", 0.01)
     spool.submit(Request(id="reset-1", kind="reset", source="machineoperation", report_gate=True))
     seen = []
@@ -190,11 +190,81 @@ def test_a_reset_with_a_report_gate_waits_for_the_ack_before_stopping_the_daemon
     assert spool.gate("reset-1") is None  # cleared with the result
 
 
-def test_a_gate_nobody_can_answer_does_not_hold_the_reset(spool, ops, monkeypatch):
-    monkeypatch.setattr(dispatch, "_daemon_can_report", lambda: False)
+def test_a_gate_nobody_can_answer_does_not_hold_the_reset(spool, ops, monkeypatch, tmp_path):
+    monkeypatch.setenv("UNBOUNDED_AGENT_OPS_DIR", str(tmp_path / "ops"))  # nothing kept for a reporter there
+    monkeypatch.setattr(dispatch, "_can_report", lambda unit: False)
+    started = []
+    monkeypatch.setattr(dispatch.systemd, "start_unit", started.append)
     spool.submit(Request(id="reset-1", kind="reset", source="machineoperation", report_gate=True))
     dispatch.run(spool)
     assert spool.result("reset-1").succeeded and ops.reset_phase2 == ["reset-1"]
+    assert started == []
+
+
+class Reporter:
+    """systemd as the gate asks it: the daemon has no process; the reporter runs once started, acks the gate
+    (when it can), or ends without."""
+
+    def __init__(self, monkeypatch, spool, acks: bool):
+        self.spool, self.acks, self.started, self.running, self.acked = spool, acks, [], False, False
+        monkeypatch.setattr(dispatch.systemd, "start_unit", self.start)
+        monkeypatch.setattr(dispatch.systemd, "wait_jobs_done", lambda jobs: None)
+        monkeypatch.setattr(dispatch.systemd, "unit_state", self.state)
+
+    def start(self, unit):
+        self.started.append(unit)
+        self.running = True
+        return "/job/1"
+
+    def state(self, unit):
+        if unit == "unbounded-agent-daemon.service" or not self.running:
+            return {"active_state": "failed", "main_pid": 0}
+        if self.acks:
+            self.spool.ack("reset-1")
+            self.acked = True
+        else:
+            self.running = False  # it ends at once (no API server, say)
+        return {"active_state": "active", "main_pid": 7}
+
+
+def hold_kit(tmp_path, monkeypatch, run_id: str):
+    from unbounded_agent.reset import reporter_kit
+
+    monkeypatch.setenv("UNBOUNDED_AGENT_OPS_DIR", str(tmp_path / "ops"))
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "kubeconfig").write_text(KUBECONFIG)
+    (tmp_path / "etc" / "config.yaml").write_text(f"kubeconfig: {tmp_path / 'etc' / 'kubeconfig'}\n")
+    (tmp_path / "ops" / "reset").mkdir(parents=True)
+    reporter_kit.hold(tmp_path / "ops" / "reset", run_id, str(tmp_path / "etc" / "config.yaml"))
+
+
+KUBECONFIG = """\
+current-context: c
+contexts: [{name: c, context: {cluster: k, user: u}}]
+clusters: [{name: k, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: t}}]
+"""
+
+
+@pytest.mark.parametrize("acks", [True, False], ids=["the reporter reports", "the reporter ends without"])
+def test_a_daemon_that_cannot_start_again_is_stood_in_for_by_the_reporter(spool, ops, monkeypatch, tmp_path, acks):
+    """It waits for the reporter's acknowledgement; a reporter that ends without one does not hold the reset."""
+    hold_kit(tmp_path, monkeypatch, "reset-1")
+    monkeypatch.setattr(dispatch, "GATE_POLL_SECONDS", 0.01)
+    reporter = Reporter(monkeypatch, spool, acks=acks)
+    spool.submit(Request(id="reset-1", kind="reset", source="machineoperation", report_gate=True))
+    dispatch.run(spool)
+    assert reporter.started == ["unbounded-agent-reset-reporter.service"]
+    assert reporter.acked is acks
+    assert spool.result("reset-1").succeeded and ops.reset_phase2 == ["reset-1"]
+
+
+def test_a_copy_kept_for_another_reset_starts_no_reporter(spool, ops, monkeypatch, tmp_path):
+    hold_kit(tmp_path, monkeypatch, "reset-0")
+    reporter = Reporter(monkeypatch, spool, acks=True)
+    spool.submit(Request(id="reset-1", kind="reset", source="machineoperation", report_gate=True))
+    dispatch.run(spool)
+    assert reporter.started == [] and ops.reset_phase2 == ["reset-1"]
 
 
 def test_superseding_an_operation_of_a_machineoperation_opens_a_gate_for_the_watcher(spool, ops, monkeypatch):
@@ -225,7 +295,7 @@ def test_who_can_still_report_at_the_gate(monkeypatch, state, can):
     from unbounded_agent import systemd
 
     monkeypatch.setattr(systemd, "unit_state", lambda name: dict(state, unit=name))
-    assert dispatch._daemon_can_report() is can
+    assert dispatch._can_report("unbounded-agent-daemon.service") is can
 
 
 def test_a_systemd_that_cannot_be_asked_keeps_the_gate_waiting(monkeypatch):
@@ -234,7 +304,7 @@ def test_a_systemd_that_cannot_be_asked_keeps_the_gate_waiting(monkeypatch):
     def broken(name):
         raise systemd.SystemdError("cannot query: timeout")
     monkeypatch.setattr(systemd, "unit_state", broken)
-    assert dispatch._daemon_can_report() is True
+    assert dispatch._can_report("unbounded-agent-daemon.service") is True
 
 
 def test_a_recover_request_runs_under_the_id_of_the_upgrade_it_reopens(spool, ops, monkeypatch):

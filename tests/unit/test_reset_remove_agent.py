@@ -250,3 +250,49 @@ def test_bin_dir_unbounded_agent_goes_only_when_it_is_the_agents(host, compat, o
     assert report.succeeded, report
     assert os.path.lexists(path) is not ours
     assert os.listdir(root / BIN.lstrip("/")) == ([] if ours else ["unbounded-agent"])
+
+
+def agent_with_kubeconfig(root):
+    """The agent's config naming a kubeconfig whose CA, client key and token are files beside it."""
+    write(root, "/etc/unbounded/agent/config.yaml", "machineName: node-7\nkubeconfig: /etc/unbounded/agent/kubeconfig\n")
+    write(root, "/etc/unbounded/agent/ca.crt", "CA")
+    write(root, "/etc/unbounded/agent/client.key", "KEY")
+    write(root, "/etc/unbounded/agent/token", "s3cret\n")
+    write(root, "/etc/unbounded/agent/kubeconfig",
+          "current-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+          "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:6443', certificate-authority: ca.crt}}]\n"
+          "users: [{name: u, user: {client-key: client.key, tokenFile: token}}]\n")
+
+
+def test_a_copy_of_the_config_and_credentials_is_kept_for_the_report(host, tmp_path):
+    import base64
+
+    import yaml
+
+    agent_with_kubeconfig(host.root)
+    report = host.run()
+    assert report.succeeded, report
+    assert not (host.root / "etc/unbounded/agent").exists()  # the originals are gone
+    kit = tmp_path / "reset" / "reporter"
+    held = yaml.safe_load((kit / "config.yaml").read_text())
+    assert held == {"machineName": "node-7", "kubeconfig": str(kit / "kubeconfig"), "stateDir": str(kit / "state")}
+    flat = yaml.safe_load((kit / "kubeconfig").read_text())
+    assert flat["clusters"][0]["cluster"] == {"server": "https://127.0.0.1:6443",
+                                              "certificate-authority-data": base64.b64encode(b"CA").decode()}
+    assert flat["users"][0]["user"] == {"client-key-data": base64.b64encode(b"KEY").decode(), "token": "s3cret"}
+    assert {oct(p.stat().st_mode & 0o777) for p in kit.iterdir()} == {"0o600"} and (kit.stat().st_mode & 0o777) == 0o700
+    assert any("kept the config and the credentials" in n for n in report.notes)
+    again = host.run()  # resumed: the originals are gone, the copy stays as it was
+    assert again.succeeded and yaml.safe_load((kit / "kubeconfig").read_text()) == flat
+
+
+def test_no_copy_without_a_kubeconfig_and_a_copy_that_cannot_be_made_stops_nothing(host, tmp_path):
+    write(host.root, "/etc/unbounded/agent/config.yaml", "machineName: node-7\n")
+    report = host.run()
+    assert report.succeeded and not (tmp_path / "reset" / "reporter").exists()
+    agent_with_kubeconfig(host.root)
+    (host.root / "etc/unbounded/agent/ca.crt").unlink()  # names a file that is not there
+    report = host.run()
+    assert report.succeeded and not (host.root / "etc/unbounded/agent").exists()
+    assert not (tmp_path / "reset" / "reporter").exists()
+    assert any("cannot keep the config and credentials for the report" in n for n in report.notes)

@@ -45,3 +45,18 @@ def test_the_plan_names_the_daemon(env):
     assert [(i.what, i.action) for i in stop_daemon.STEP.plan(ctx)] == [
         (f"running unit {DAEMON}", "stop"), (f"enabled unit {DAEMON}", "disable")]
     assert env.units.calls == []
+
+
+def test_the_reporter_and_the_copy_kept_for_it_go_too(env):
+    from unbounded_agent.reset import reporter_kit
+    from unbounded_agent.reset.steps import finish, reload_systemd
+
+    env.units.running_units.add(reporter_kit.REPORTER_UNIT)
+    (env.dir / "reporter").mkdir()
+    (env.dir / "reporter" / "kubeconfig").write_text("x")
+    assert {i.what for i in stop_daemon.STEP.plan(env.context())} >= {
+        f"running unit {reporter_kit.REPORTER_UNIT}", f"directory {env.dir / 'reporter'}"}
+    report = env.run(stop_daemon.STEP)
+    assert report.succeeded, report
+    assert ("stop", reporter_kit.REPORTER_UNIT) in env.units.calls and not (env.dir / "reporter").exists()
+    assert env.run(reload_systemd.STEP).succeeded and env.run(finish.STEP).succeeded  # nothing is left

@@ -107,33 +107,11 @@ def _keep_tls_files(configuration) -> None:
 
 
 def credential_files(kubeconfig: str | None) -> list[str]:
-    """The files a client is built from: the kubeconfig and every file its current context names (relative
-    paths are relative to the kubeconfig, as kubectl reads them), or the service account's token and CA."""
-    if not kubeconfig:
-        return [IN_CLUSTER_TOKEN, IN_CLUSTER_CA]
-    files = [kubeconfig]
-    try:
-        import yaml
+    """The files a client is built from: the kubeconfig and every file its current context names, or the
+    service account's token and CA."""
+    from .. import kubeconfig as kubeconfig_file
 
-        with open(kubeconfig, "rb") as f:
-            doc = yaml.safe_load(f)
-        current = doc.get("current-context")
-        context = _named(doc, "contexts", current).get("context") or {}
-        cluster = _named(doc, "clusters", context.get("cluster")).get("cluster") or {}
-        user = _named(doc, "users", context.get("user")).get("user") or {}
-    except Exception:  # unreadable now: build() says why; the kubeconfig itself is still watched
-        return files
-    base = os.path.dirname(os.path.abspath(kubeconfig))
-    for holder, key in ((cluster, "certificate-authority"), (user, "client-certificate"), (user, "client-key"),
-                        (user, "tokenFile")):
-        value = holder.get(key)
-        if isinstance(value, str) and value:
-            files.append(os.path.join(base, value))
-    return files
-
-
-def _named(doc: dict, section: str, name) -> dict:
-    return next((e for e in doc.get(section) or [] if isinstance(e, dict) and e.get("name") == name), {})
+    return kubeconfig_file.files(kubeconfig) if kubeconfig else [IN_CLUSTER_TOKEN, IN_CLUSTER_CA]
 
 
 def signature(files: list[str]) -> tuple:

@@ -368,8 +368,8 @@ class Watcher:
         mine = {p.request_id for p in self.progress.values() if p.request_id}
         # A result that came in after this pass drove its operation (one the reset superseded) is not reported yet.
         unread = any(not p.done and p.request_id and self.spool.result(p.request_id) for p in self.progress.values())
-        for gate in self.spool.open_gates():
-            if gate.id not in mine and not unread and self.all_reported_except():
+        for gate in self.spool.open_gates():  # what there is to report is known only from the first list on
+            if self.synced and gate.id not in mine and not unread and self.all_reported_except():
                 log.info(f"reset {gate.id} removes the agent next: everything is reported")
                 self.spool.ack(gate.id)
 

@@ -254,28 +254,52 @@ GATE_MESSAGE = "AgentReset completed: {what} (its daemon stops next)"
 
 
 def _wait_at_gate(spool: Spool, req: Request, phase1) -> None:
-    """Let the requester report before its daemon stops; stop waiting when it cannot (no daemon process)."""
-    from ..reset import api
+    """Let the requester report before its daemon stops. A daemon with no process (its files are gone: it cannot
+    start again) is stood in for by the reporter, from the copy remove-agent kept (reset/reporter_kit.py); stop
+    waiting when neither can report."""
+    from ..reset import api, reporter_kit
 
     steps = [{"step": s.step, "number": s.number, "result": "succeeded" if s.succeeded else "failed",
               "removed": s.removed} for s in phase1.steps if s.number]
     spool.open_gate(Gate(id=req.id, steps=steps, message=GATE_MESSAGE.format(what=api.COMPLETE)))
     log.info(f"reset {req.name}: waiting for its requester to report before the daemon stops")
     next_log = time.monotonic() + GATE_LOG_SECONDS
+    reporter = systemd.DAEMON_UNIT
     while not spool.acked(req.id):
-        if not _daemon_can_report():
-            log.warn(f"reset {req.name}: the daemon that would report it has no process (its files are gone: it "
-                     "cannot start again); going on")
+        if not _can_report(reporter):
+            if reporter == systemd.DAEMON_UNIT and _start_reporter(req, reporter_kit):
+                reporter = reporter_kit.REPORTER_UNIT
+                continue
+            log.warn(f"reset {req.name}: {reporter} that would report it has no process; going on")
             return
         if time.monotonic() >= next_log:
-            log.info(f"reset {req.name}: still waiting for its requester to report (the API server may be down)")
+            log.info(f"reset {req.name}: still waiting for {reporter} to report (the API server may be down)")
             next_log += GATE_LOG_SECONDS
         time.sleep(GATE_POLL_SECONDS)
 
 
-def _daemon_can_report() -> bool:
+def _start_reporter(req: Request, reporter_kit) -> bool:
+    """Start the reporter in the daemon's place (the daemon's files are gone: it cannot start again), when the
+    reset kept what it needs; whether it runs."""
+    from ..reset.reports import reset_dir
+
+    if reporter_kit.held_for(reset_dir()) != req.id:
+        log.warn(f"reset {req.name}: the daemon cannot start again (its files are gone), and no copy of its config "
+                 "and credentials was kept for this reset: nothing can report it now")
+        return False
+    log.info(f"reset {req.name}: the daemon cannot start again (its files are gone); starting "
+             f"{reporter_kit.REPORTER_UNIT} to report in its place")
     try:
-        st = systemd.unit_state(systemd.DAEMON_UNIT)
+        systemd.wait_jobs_done([systemd.start_unit(reporter_kit.REPORTER_UNIT)])
+    except systemd.SystemdError as e:
+        log.error(f"reset {req.name}: cannot start {reporter_kit.REPORTER_UNIT}: {e}")
+        return False
+    return _can_report(reporter_kit.REPORTER_UNIT)
+
+
+def _can_report(unit: str) -> bool:
+    try:
+        st = systemd.unit_state(unit)
     except systemd.SystemdError:
         return True  # cannot tell now: keep waiting (and asking)
     return systemd.running(st) and bool(st.get("main_pid"))

@@ -74,6 +74,7 @@ class Context:
     bin_dirs: tuple[str, ...]
     state_dirs: tuple[str, ...]
     config_files: tuple[str, ...] = ()  # config files outside DEFAULT_CONFIG_DIR
+    config_path: str = ""  # the agent's config (recorded when the reset began)
     all_wg: bool = False
     graceful_timeout: float = 30.0
     terminate_timeout: float = 15.0
@@ -175,6 +176,32 @@ class Step:
                 rec.fail(None, OpsError(Reason.EXECUTION_FAILED, f"still present after removal: {', '.join(map(str, left))}"))
 
 
+def stop_unit(ops: AgentUnits, rec: Recorder, unit: str, timeout: float) -> bool:
+    """Stop unit if it runs, recording what happened; False when it failed to stop."""
+    try:
+        if ops.running(unit):
+            ops.stop(unit, timeout)
+            rec.did(f"running unit {unit}", "stopped")
+        return True
+    except OpsError as e:
+        rec.fail(f"running unit {unit}", e)
+    except Exception as e:
+        rec.fail(f"running unit {unit}", unexpected(e, f"cannot stop {unit}"))
+    return False
+
+
+def disable_unit(ops: AgentUnits, rec: Recorder, unit: str) -> None:
+    """Disable unit if it is enabled, recording what happened."""
+    try:
+        if ops.enabled(unit):
+            ops.disable(unit)
+            rec.did(f"enabled unit {unit}", "disabled")
+    except OpsError as e:
+        rec.fail(f"enabled unit {unit}", e)
+    except Exception as e:
+        rec.fail(f"enabled unit {unit}", unexpected(e, f"cannot disable {unit}"))
+
+
 def lstat(path: str) -> os.stat_result | None:
     """The path's own status (a symlink is not followed; symlinks in its parents are), None when it does not
     exist. Anything else — a parent that cannot be searched, an I/O error — is INVENTORY_FAILED: a path
@@ -262,4 +289,5 @@ def context_from(recorded, **kw) -> Context:
     cfg_path = recorded.config_path or config.DEFAULT_CONFIG_PATH
     extra_cfg = () if os.path.dirname(cfg_path) == DEFAULT_CONFIG_DIR else (cfg_path,)
     return Context(machine_name=recorded.machine_name or "", bin_dirs=both(recorded.bin_dir, config.DEFAULT_BIN_DIR),
-                   state_dirs=both(recorded.state_dir, config.DEFAULT_STATE_DIR), config_files=extra_cfg, **kw)
+                   state_dirs=both(recorded.state_dir, config.DEFAULT_STATE_DIR), config_files=extra_cfg,
+                   config_path=cfg_path, **kw)

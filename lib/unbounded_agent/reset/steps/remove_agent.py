@@ -18,8 +18,8 @@ import stat
 import zipfile
 
 from ... import holdpoint
-from ...reasons import OpsError, Reason
-from ..step import DEFAULT_CONFIG_DIR, UNIT_DIR, Item, Step, exists, lstat, plan_paths, remove_path, unexpected
+from ...reasons import OpsError, Reason, describe_error
+from ..step import DEFAULT_CONFIG_DIR, UNIT_DIR, Item, Step, disable_unit, exists, lstat, plan_paths, remove_path, stop_unit
 
 DAEMON_UNIT = "unbounded-agent-daemon.service"
 RECOVERY_UNIT = "unbounded-agent-daemon-recovery.service"
@@ -168,6 +168,7 @@ class RemoveAgent(Step):
         if not self._check(ctx, rec, paths):
             rec.note("removed none of the agent's files: the agent stays whole until the cause is fixed")
             return
+        self._keep_for_report(ctx, rec)
         last = set(last_paths(ctx))
         for p in paths:
             if p in last and ctx.directory:
@@ -176,25 +177,25 @@ class RemoveAgent(Step):
             if exists(ctx.p(p)):  # a path inside an already removed state dir is simply gone
                 remove_path(ctx, rec, p)
 
+    def _keep_for_report(self, ctx, rec) -> None:
+        """Keep a copy of the config and credentials in the reset's directory (reporter_kit.py): should the daemon
+        stop before it has reported, the reset is reported from it. Without the copy the reset still goes on:
+        the daemon normally reports from memory."""
+        from .. import reporter_kit
+
+        if not ctx.directory or not rec.run_id:
+            return
+        try:
+            rec.note(reporter_kit.hold(ctx.directory, rec.run_id, ctx.config_path, read_root=ctx.root))
+        except (OSError, ValueError, OpsError) as e:
+            rec.note(f"cannot keep the config and credentials for the report ({describe_error(e)}): if the daemon "
+                     "stops before it reports, this reset is reported by the next agent installed here")
+
     def _stop_and_disable(self, ops, rec) -> None:
         for unit in self._stoppable(ops):
-            try:
-                if ops.running(unit):
-                    ops.stop(unit, UNIT_STOP_TIMEOUT)
-                    rec.did(f"running unit {unit}", "stopped")
-            except OpsError as e:
-                rec.fail(f"running unit {unit}", e)
-            except Exception as e:
-                rec.fail(f"running unit {unit}", unexpected(e, f"cannot stop {unit}"))
+            stop_unit(ops, rec, unit, UNIT_STOP_TIMEOUT)
         for unit in OTHER_UNITS:
-            try:
-                if ops.enabled(unit):
-                    ops.disable(unit)
-                    rec.did(f"enabled unit {unit}", "disabled")
-            except OpsError as e:
-                rec.fail(f"enabled unit {unit}", e)
-            except Exception as e:
-                rec.fail(f"enabled unit {unit}", unexpected(e, f"cannot disable {unit}"))
+            disable_unit(ops, rec, unit)
 
     def _check(self, ctx, rec, paths) -> bool:
         """Unmount what is mounted inside the agent's directories and check every tree; False (with the

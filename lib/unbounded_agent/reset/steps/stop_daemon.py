@@ -1,4 +1,5 @@
-"""``unbounded-agent-reset-stop-daemon.service``, reset step 7 (its end): stop and disable the agent daemon.
+"""``unbounded-agent-reset-stop-daemon.service``, reset step 7 (its end): stop and disable the agent daemon, and
+the reporter that stood in for it, with the copy of the config and credentials kept for it (reporter_kit.py).
 
 It runs after the gate: every step that can fail (1–6 and the removals of step 7) is done and verified, and
 the requester (the daemon itself, for a MachineOperation) has reported ``Complete``. A daemon restarted
@@ -7,8 +8,8 @@ after its files went could not start again; systemd still made its state directo
 
 from __future__ import annotations
 
-from ...reasons import OpsError
-from ..step import Item, Step, exists, remove_path, unexpected
+from ..reporter_kit import REPORTER_UNIT, kit_dir, release
+from ..step import Item, Step, disable_unit, exists, remove_path, stop_unit, unexpected
 from .remove_agent import DAEMON_UNIT, state_paths
 
 DAEMON_STOP_TIMEOUT = 120.0  # the daemon's own TimeoutStopSec (90 s default) ends it before this
@@ -21,32 +22,26 @@ class StopDaemon(Step):
     def plan(self, ctx):
         ops = ctx.units()
         items = []
-        if ops.running(DAEMON_UNIT):
-            items.append(Item(f"running unit {DAEMON_UNIT}", action="stop"))
+        for unit in (DAEMON_UNIT, REPORTER_UNIT):
+            if ops.running(unit):
+                items.append(Item(f"running unit {unit}", action="stop"))
         if ops.enabled(DAEMON_UNIT):
             items.append(Item(f"enabled unit {DAEMON_UNIT}", action="disable"))
+        if ctx.directory and exists(str(kit_dir(ctx.directory))):
+            items.append(Item(f"directory {kit_dir(ctx.directory)}", note="(the copy kept for the report)"))
         return items  # a state directory made again is remove-agent's to report (finish checks both)
 
     def apply(self, ctx, rec):
         ops = ctx.units()
-        try:
-            if ops.running(DAEMON_UNIT):
-                ops.stop(DAEMON_UNIT, DAEMON_STOP_TIMEOUT)
-                rec.did(f"running unit {DAEMON_UNIT}", "stopped")
-        except OpsError as e:
-            rec.fail(f"running unit {DAEMON_UNIT}", e)
+        if not all(stop_unit(ops, rec, unit, DAEMON_STOP_TIMEOUT) for unit in (DAEMON_UNIT, REPORTER_UNIT)):
             return
-        except Exception as e:
-            rec.fail(f"running unit {DAEMON_UNIT}", unexpected(e, f"cannot stop {DAEMON_UNIT}"))
-            return
-        try:
-            if ops.enabled(DAEMON_UNIT):
-                ops.disable(DAEMON_UNIT)
-                rec.did(f"enabled unit {DAEMON_UNIT}", "disabled")
-        except OpsError as e:
-            rec.fail(f"enabled unit {DAEMON_UNIT}", e)
-        except Exception as e:
-            rec.fail(f"enabled unit {DAEMON_UNIT}", unexpected(e, f"cannot disable {DAEMON_UNIT}"))
+        if ctx.directory:
+            try:
+                if release(ctx.directory):
+                    rec.did(f"directory {kit_dir(ctx.directory)}")
+            except OSError as e:
+                rec.fail(f"directory {kit_dir(ctx.directory)}", unexpected(e, "cannot remove the copy kept for the report"))
+        disable_unit(ops, rec, DAEMON_UNIT)
         for p in state_paths(ctx):
             if exists(ctx.p(p)):
                 rec.note(f"{p} was made again for a restart of the daemon: removing it")
