@@ -12,9 +12,8 @@ PLACES = (BIN, STATE, "/etc/unbounded", "/etc/systemd/system", "/var/lib/machine
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path):
-    with testhost_factory("reset-twice") as h:
-        h.install_deb(deb_path)
+def host(testhost_factory):
+    with testhost_factory("reset-twice", installed=True) as h:
         yield h
 
 
