@@ -236,7 +236,8 @@ def measure(deb: Path, runs: int, mb: int, log=print) -> tuple[list[Figure], str
         crash = [releases.script_release(Path(tmp) / f"crash-{i}.tar.gz", version=f"9.0.{i}", daemon="crash")
                  for i in range(runs)]
         with boot_testhost("bench-upgrade", testhost_tree.build_tree()) as host:
-            prepare(host, deb, CONFIG)
+            host.install_deb(deb)
+            prepare(host, CONFIG)
             install_curl(host)
             names = {v: f"agent-{v}.tar.gz" for v in padded}
             urls = {v: host.serve(p, names[v]) for v, p in padded.items()}

@@ -24,6 +24,7 @@ SUPPORT_DIR = TESTS_DIR / "support"  # the test host, the test API server, fakes
 if str(SUPPORT_DIR) not in sys.path:
     sys.path.insert(0, str(SUPPORT_DIR))
 
+import testhost_layer  # noqa: E402
 import testhost_tree  # noqa: E402
 from netwatch import OwnNamespaceWatch  # noqa: E402
 from testhost import TestHost, boot_testhost  # noqa: E402
@@ -157,22 +158,26 @@ def testhost(testhost_tree_root) -> TestHost:
 
 
 @pytest.fixture(scope="session")
-def testhost_factory(testhost_tree_root):
+def testhost_factory(testhost_tree_root, repo_root):
     """Boot a fresh host of your own, e.g. for a module that changes host state:
 
         @pytest.fixture(scope="module")
         def host(testhost_factory):
-            with testhost_factory() as host:
+            with testhost_factory(installed=True) as host:
                 yield host
 
     Each call returns a context manager; the host is torn down when it exits.
     Names default to testhost1, testhost2, ... (the host name is the machine name).
+    installed=True boots it with the .deb installed and its daemon up, as after `dpkg -i` (from the session
+    layer, testhost_layer.py; its HTTPS server's CA is trusted there too). Tests of the installation itself
+    boot a bare host and call host.install_deb.
     """
     numbers = itertools.count(1)
 
     @contextlib.contextmanager
-    def boot(name: str | None = None):
-        with boot_testhost(name or f"testhost{next(numbers)}", testhost_tree_root) as host:
+    def boot(name: str | None = None, installed: bool = False):
+        layer = testhost_layer.acquire(built_deb(repo_root), testhost_tree_root) if installed else None
+        with boot_testhost(name or f"testhost{next(numbers)}", testhost_tree_root, layer) as host:
             _factory_hosts.append(host)
             yield host
 
@@ -187,14 +192,15 @@ def version(repo_root) -> str:
     return (repo_root / "VERSION").read_text().strip()
 
 
-@pytest.fixture(scope="session")
-def deb_path(repo_root, dist_dir, version) -> Path:
+@functools.cache
+def built_deb(repo_root: Path) -> Path:
     """The .deb of the tree under test. `make test` builds it just before and says so in
-    UNBOUNDED_TESTS_DEB_FRESH; a lone pytest run rebuilds it, so a stale package is never tested.
+    UNBOUNDED_TESTS_DEB_FRESH; a lone pytest run rebuilds it (once), so a stale package is never tested.
     UNBOUNDED_AGENT_DEB names a package built elsewhere (e.g. by parallel runs with their own DIST)."""
     if os.environ.get("UNBOUNDED_AGENT_DEB"):
         return Path(os.environ["UNBOUNDED_AGENT_DEB"])
-    deb = dist_dir / f"unbounded-agent_{version}_all.deb"
+    version = (repo_root / "VERSION").read_text().strip()
+    deb = repo_root / "dist" / f"unbounded-agent_{version}_all.deb"
     if not (os.environ.get("UNBOUNDED_TESTS_DEB_FRESH") and deb.exists()):
         r = subprocess.run(["make", "-s", "deb"], cwd=repo_root, capture_output=True, text=True)
         if r.returncode:
@@ -202,9 +208,13 @@ def deb_path(repo_root, dist_dir, version) -> Path:
     return deb
 
 
+@pytest.fixture(scope="session")
+def deb_path(repo_root) -> Path:
+    return built_deb(repo_root)
+
+
 @pytest.fixture(scope="module")
-def installed_host(testhost_factory, deb_path) -> TestHost:
+def installed_host(testhost_factory) -> TestHost:
     """A fresh test host of the module's own with the .deb installed (daemon running)."""
-    with testhost_factory() as host:
-        host.install_deb(deb_path)
+    with testhost_factory(installed=True) as host:
         yield host

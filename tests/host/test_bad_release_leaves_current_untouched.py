@@ -22,7 +22,7 @@ ARCHIVE_CASES = ["truncated gzip", "gzip bomb in tar padding", "traversal ../", 
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, tmp_path_factory, repo_root):
+def host(testhost_factory, tmp_path_factory, repo_root):
     out = tmp_path_factory.mktemp("bad-releases")
     good = releases.real_release(repo_root, "2.0.0", out / "good")
     files = {"good": good}
@@ -31,8 +31,8 @@ def host(testhost_factory, deb_path, tmp_path_factory, repo_root):
     files["version exits 42"] = releases.script_release(out / "v42.tar.gz", version_behaviour="exit42")
     files["version hangs"] = releases.script_release(out / "hang.tar.gz", version_behaviour="hang")
     files["wrong architecture"] = releases.wrong_arch_release(out / "arm64.tar.gz")
-    with testhost_factory("badrel") as h:
-        prepare(h, deb_path)
+    with testhost_factory("badrel", installed=True) as h:
+        prepare(h)
         h.urls = {name: h.serve(path, f"{i}.tar.gz") for i, (name, path) in enumerate(files.items())}
         h.before = look(h)
         yield h

@@ -24,10 +24,10 @@ JOURNAL_WORDS = {"crash": "cannot start (simulated)", "crash-after": "crashed af
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, tmp_path_factory):
+def host(testhost_factory, tmp_path_factory):
     out = tmp_path_factory.mktemp("crashing")
-    with testhost_factory("crashing") as h:
-        prepare(h, deb_path)
+    with testhost_factory("crashing", installed=True) as h:
+        prepare(h)
         h.urls = {name: h.serve(releases.script_release(out / f"{i}.tar.gz", version=f"9.{i}.0", daemon=behaviour,
                                                         seconds=1.5), f"crash-{i}.tar.gz")
                   for i, (name, (behaviour, _)) in enumerate(CASES.items())}

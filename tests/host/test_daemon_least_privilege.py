@@ -18,9 +18,9 @@ RECORDED_EXPOSURE = recorded(Path(__file__).resolve().parents[2] / "README.md")[
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path):
-    with testhost_factory("sandbox") as h:
-        prepare(h, deb_path)
+def host(testhost_factory):
+    with testhost_factory("sandbox", installed=True) as h:
+        prepare(h)
         h.run(["mkdir", "-p", f"{OPS}/results"])  # as the dispatcher makes it: it must exist to be refused
         h.daemon_pid = h.run(["systemctl", "show", "-p", "MainPID", "--value", DAEMON]).stdout.strip()
         yield h

@@ -48,10 +48,10 @@ def serve_from_boot(host) -> None:
 
 
 @pytest.fixture(scope="module")
-def matrix(testhost_factory, deb_path, tmp_path_factory, repo_root):
+def matrix(testhost_factory, tmp_path_factory, repo_root):
     out = tmp_path_factory.mktemp("faults")
-    with testhost_factory("faults") as h:
-        uh.prepare(h, deb_path)
+    with testhost_factory("faults", installed=True) as h:
+        uh.prepare(h)
         serve_from_boot(h)
         good = {v: h.serve(releases.real_release(repo_root, v, out / v), f"good-{v}.tar.gz") for v in ("2.0.0", "3.0.0")}
         crash = [h.serve(releases.script_release(out / f"crash-{i}.tar.gz", version=f"8.{i}.0", daemon="crash"),

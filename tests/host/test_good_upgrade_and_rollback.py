@@ -38,9 +38,9 @@ def built(tmp_path_factory, repo_root):
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, built):
-    with testhost_factory("upgrade") as h:
-        prepare(h, deb_path)
+def host(testhost_factory, built):
+    with testhost_factory("upgrade", installed=True) as h:
+        prepare(h)
         h.urls = {v: h.serve(path, f"agent-{v}.tar.gz") for v, path in built.items()}
         yield h
 

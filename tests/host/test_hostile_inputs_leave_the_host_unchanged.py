@@ -30,7 +30,7 @@ EXIT = {"DownloadFailed": 10, "InvalidArchive": 12, "InsufficientSpace": 13, "Da
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, tmp_path_factory):
+def host(testhost_factory, tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile-releases")
     files = {
         "good": valid_archive(out / "good.tar.gz", b"#!/bin/sh\necho unbounded-agent 7.0.0\n" + b"#" * 4096 + b"\n"),
@@ -38,8 +38,8 @@ def host(testhost_factory, deb_path, tmp_path_factory):
         "understated": _understated(out / "understated.tar.gz", 8 << 20),
         "liar": releases.script_release(out / "liar.tar.gz", version="9.0.0", daemon="liar"),
     }
-    with testhost_factory("hostile") as h:
-        prepare(h, deb_path)
+    with testhost_factory("hostile", installed=True) as h:
+        prepare(h)
         h.urls = {name: h.serve(path, f"{name}.tar.gz") for name, path in files.items()}
         h.before = look(h)
         yield h

@@ -18,9 +18,8 @@ pytestmark = pytest.mark.testhost
 
 
 @pytest.fixture(scope="module")
-def env(testhost_factory, deb_path, tmp_path_factory):
-    with testhost_factory("journal") as host:
-        host.install_deb(deb_path)
+def env(testhost_factory, tmp_path_factory):
+    with testhost_factory("journal", installed=True) as host:
         kube = KubeLink.start(host, tmp_path_factory.mktemp("kube"))
         try:
             kube.configure_agent(host)

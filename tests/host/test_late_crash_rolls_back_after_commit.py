@@ -31,9 +31,9 @@ CRASHES = 3  # upgrade/crashes.py: CRASHES within WINDOW_SECONDS of the commit
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path):
-    with testhost_factory("late-crash") as h:
-        prepare(h, deb_path, config="")  # every setting at its default: probationSeconds 10, readyTimeoutSeconds 60
+def host(testhost_factory):
+    with testhost_factory("late-crash", installed=True) as h:
+        prepare(h, config="")  # every setting at its default: probationSeconds 10, readyTimeoutSeconds 60
         yield h
 
 

@@ -20,9 +20,9 @@ GAP = range(MAX_NAME - len(ENTRY.format("")) - 9, MAX_NAME - len(ENTRY.format(""
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, tmp_path_factory):
-    with testhost_factory("long-urls") as h:
-        prepare(h, deb_path)
+def host(testhost_factory, tmp_path_factory):
+    with testhost_factory("long-urls", installed=True) as h:
+        prepare(h)
         h.url = h.serve(releases.real_release(REPO, "2.0.0", tmp_path_factory.mktemp("v2")), "agent.tar.gz")
         r = upgrade(h, h.url, "--wait")  # from here on the same release again: it runs, and changes nothing
         assert r.returncode == 0, r.stdout + r.stderr

@@ -18,10 +18,9 @@ CONFIG = "\n".join(line for line in AGENT_CONFIG.splitlines()
 
 
 @pytest.fixture(scope="module")
-def env(testhost_factory, deb_path, tmp_path_factory):
+def env(testhost_factory, tmp_path_factory):
     out = tmp_path_factory.mktemp("late")
-    with testhost_factory("mop-late") as host:
-        host.install_deb(deb_path)
+    with testhost_factory("mop-late", installed=True) as host:
         kube = KubeLink.start(host, tmp_path_factory.mktemp("kube"))
         try:
             kube.apply({"apiVersion": "unbounded-cloud.io/v1alpha3", "kind": "Machine",

@@ -26,9 +26,8 @@ REPORTER = "unbounded-agent-reset-reporter.service"
 
 
 @pytest.fixture(scope="module")
-def env(testhost_factory, deb_path, tmp_path_factory):
-    with testhost_factory("mop-reset-restarts") as host:
-        host.install_deb(deb_path)
+def env(testhost_factory, tmp_path_factory):
+    with testhost_factory("mop-reset-restarts", installed=True) as host:
         kube = KubeLink.start(host, tmp_path_factory.mktemp("kube"))
         try:
             yield host, kube

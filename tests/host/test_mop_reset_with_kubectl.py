@@ -37,9 +37,8 @@ def remove_drop_in(host, unit: str) -> None:
 
 
 @pytest.fixture
-def env(testhost_factory, deb_path, tmp_path):
-    with testhost_factory("mop-reset") as host:
-        host.install_deb(deb_path)
+def env(testhost_factory, tmp_path):
+    with testhost_factory("mop-reset", installed=True) as host:
         kube = KubeLink.start(host, tmp_path)
         try:
             kube.configure_agent(host)

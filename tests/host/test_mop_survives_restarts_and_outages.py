@@ -24,9 +24,8 @@ def built(tmp_path_factory, repo_root):
 
 
 @pytest.fixture(scope="module")
-def env(testhost_factory, deb_path, built, tmp_path_factory):
-    with testhost_factory("mop-restarts") as host:
-        host.install_deb(deb_path)
+def env(testhost_factory, built, tmp_path_factory):
+    with testhost_factory("mop-restarts", installed=True) as host:
         kube = KubeLink.start(host, tmp_path_factory.mktemp("kube"))
         try:
             kube.configure_agent(host)

@@ -31,9 +31,8 @@ POLICY = "unbounded-agent-own-machine"
 
 
 @pytest.fixture(scope="module")
-def env(testhost_factory, deb_path, tmp_path_factory):
-    with testhost_factory("worker-01") as host:
-        host.install_deb(deb_path)
+def env(testhost_factory, tmp_path_factory):
+    with testhost_factory("worker-01", installed=True) as host:
         kube = KubeLink.start(host, tmp_path_factory.mktemp("kube"))
         try:
             kube.configure_agent(host)

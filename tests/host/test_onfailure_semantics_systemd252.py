@@ -26,9 +26,9 @@ ExecStart=/bin/sh -c 'systemctl show -p NRestarts,Result,ActiveState onfailure-p
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path):
-    with testhost_factory("onfailure") as h:
-        prepare(h, deb_path)
+def host(testhost_factory):
+    with testhost_factory("onfailure", installed=True) as h:
+        prepare(h)
         yield h
 
 

@@ -60,7 +60,8 @@ def newer_deb(repo_root, version, tmp_path_factory):
 def host(testhost_factory, deb_path, tmp_path_factory, repo_root):
     release = releases.real_release(repo_root, "2.0.0", tmp_path_factory.mktemp("release"))
     with testhost_factory("pkgupgrade") as h:
-        prepare(h, deb_path)  # the older package: the tree under test at its own version
+        h.install_deb(deb_path)  # the older package: the tree under test at its own version
+        prepare(h)
         h.url = h.serve(release, "agent-2.0.0.tar.gz")
         yield h
 

@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, tmp_path_factory):
+def host(testhost_factory, tmp_path_factory):
     """A host on v2 with last-good on the packaged version, so a rollback (no download) has work to do."""
-    with testhost_factory("dispatch") as h:
-        prepare(h, deb_path)
+    with testhost_factory("dispatch", installed=True) as h:
+        prepare(h)
         url = h.serve(releases.real_release(REPO, "2.0.0", tmp_path_factory.mktemp("v2")), "v2.tar.gz")
         assert wait_result(h, submit(h, "upgrade", url))["succeeded"]
         h.v2_url = url

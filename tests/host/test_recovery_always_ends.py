@@ -30,10 +30,11 @@ RECOVERY = "unbounded-agent-daemon-recovery.service"
 @pytest.fixture(scope="module")
 def host(testhost_factory, deb_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ends")
-    with testhost_factory("ends") as h:
+    with testhost_factory("ends") as h:  # a bare host: the package seeds its slots into the tmpfs
         h.run(["mkdir", "-p", STATE])
         h.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "tmpfs", STATE])
-        prepare(h, deb_path)
+        h.install_deb(deb_path)
+        prepare(h)
         h.urls = {"2.0.0": h.serve(releases.real_release(REPO, "2.0.0", out / "v2"), "agent-2.0.0.tar.gz"),
                   "3.0.0": h.serve(releases.real_release(REPO, "3.0.0", out / "v3"), "agent-3.0.0.tar.gz")}
         h.urls["crash"] = h.serve(releases.script_release(out / "crash.tar.gz", version="9.1.0", daemon="crash"),

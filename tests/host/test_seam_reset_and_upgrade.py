@@ -36,10 +36,10 @@ QUIET_SECONDS = 30  # a window in which nothing may come back: it asserts an abs
 
 
 @pytest.fixture
-def host(testhost_factory, deb_path):
+def host(testhost_factory):
     """A fresh host per test: the reset removes the agent."""
-    with testhost_factory("seam") as h:
-        prepare(h, deb_path)
+    with testhost_factory("seam", installed=True) as h:
+        prepare(h)
         yield h
 
 

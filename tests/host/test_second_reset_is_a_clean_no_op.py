@@ -12,10 +12,9 @@ PLACES = (BIN, STATE, "/etc/unbounded", "/etc/systemd/system", "/var/lib/machine
 
 
 @pytest.fixture(scope="module")
-def reset_once(testhost_factory, deb_path):
+def reset_once(testhost_factory):
     """A host with the package, reset once: each test of the module stands on its own (on any worker)."""
-    with testhost_factory("reset-twice") as h:
-        h.install_deb(deb_path)
+    with testhost_factory("reset-twice", installed=True) as h:
         yield h, h.run(["unbounded-agent", "reset"], check=False, timeout=600)
 
 

@@ -32,10 +32,10 @@ DAEMON = "unbounded-agent-daemon.service"
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, tmp_path_factory):
+def host(testhost_factory, tmp_path_factory):
     out = tmp_path_factory.mktemp("slow")
-    with testhost_factory("slow-stop") as h:
-        prepare(h, deb_path)
+    with testhost_factory("slow-stop", installed=True) as h:
+        prepare(h)
         h.urls = {"slow": h.serve(releases.script_release(out / "slow.tar.gz", version="8.0.0", daemon="ignores-sigterm"),
                                   "slow.tar.gz")}
         for v in ("2.0.0", "3.0.0"):

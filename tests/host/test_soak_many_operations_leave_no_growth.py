@@ -52,13 +52,13 @@ STATE_BYTES_ALLOWANCE = 4096
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, tmp_path_factory, repo_root):
+def host(testhost_factory, tmp_path_factory, repo_root):
     assert OPERATIONS % len(CYCLE) == 0 and OPERATIONS >= 2 * len(CYCLE), f"UNBOUNDED_SOAK_OPS={OPERATIONS}"
     out = tmp_path_factory.mktemp("soak")
     good = releases.real_release(repo_root, "2.0.0", out / "good")
     crash = releases.script_release(out / "crash.tar.gz", version="9.0.0", daemon="crash")
-    with testhost_factory("soak") as h:
-        prepare(h, deb_path, SOAK_CONFIG)
+    with testhost_factory("soak", installed=True) as h:
+        prepare(h, SOAK_CONFIG)
         h.urls = {"good": h.serve(good, "agent-2.0.0.tar.gz"), "crash": h.serve(crash, "agent-crash.tar.gz")}
         yield h
 

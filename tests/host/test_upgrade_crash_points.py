@@ -68,10 +68,10 @@ LOCK = "/run/unbounded-agent-install.lock"
 
 
 @pytest.fixture(scope="module")
-def host(testhost_factory, deb_path, tmp_path_factory, repo_root):
+def host(testhost_factory, tmp_path_factory, repo_root):
     out = tmp_path_factory.mktemp("crash-points")
-    with testhost_factory("crashpts") as h:
-        prepare(h, deb_path)
+    with testhost_factory("crashpts", installed=True) as h:
+        prepare(h)
         h.good = {v: h.serve(releases.real_release(repo_root, v, out / v), f"good-{v}.tar.gz") for v in ("2.0.0", "3.0.0")}
         h.crash = [h.serve(releases.script_release(out / f"crash-{i}.tar.gz", version=f"8.{i}.0", daemon="crash"),
                            f"crash-{i}.tar.gz") for i in range(len(POINTS))]

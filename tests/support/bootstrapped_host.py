@@ -272,18 +272,16 @@ CHECKPOINT = f"{RESET_DIR}/checkpoint.json"
 
 
 @pytest.fixture(scope="module")
-def agent_host(testhost_factory, deb_path):
+def agent_host(testhost_factory):
     """A fresh test host of this module's own, with the .deb installed (nothing bootstrapped yet)."""
-    with testhost_factory() as host:
-        host.install_deb(deb_path)
+    with testhost_factory(installed=True) as host:
         yield host
 
 
 @pytest.fixture
-def fresh_agent_host(testhost_factory, deb_path):
+def fresh_agent_host(testhost_factory):
     """Like agent_host, but a new host for each test (for tests that leave a host half reset)."""
-    with testhost_factory() as host:
-        host.install_deb(deb_path)
+    with testhost_factory(installed=True) as host:
         yield host
 
 

@@ -5,9 +5,11 @@
         url = host.serve(dist / "unbounded-agent-linux-amd64.tar.gz")
 
 Each boot gets a fresh overlay on top of the cached read-only tree
-(testhost_tree.py), so nothing a test does survives the host. The host has a
-private network namespace (only `lo`, no DNS) and its own systemd 252 as PID 1;
-commands run inside with nsenter, so no host systemd or D-Bus is needed.
+(testhost_tree.py), so nothing a test does survives the host; a host booted
+with a layer (testhost_layer.py: the .deb installed, a test CA trusted) has it
+between the two. The host has a private network namespace (only `lo`, no DNS)
+and its own systemd 252 as PID 1; commands run inside with nsenter, so no host
+systemd or D-Bus is needed.
 
 Needs root, systemd-nspawn (package systemd-container), debootstrap, openssl and
 overlayfs. Files are exchanged through the overlay's merged directory; note that
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import testhost_tree
+from testhost_layer import TRUSTED_CA, Layer, make_test_pki
 
 WORK_ROOT = Path("/var/tmp/unbounded-agent-testhosts")  # not /tmp: may be a small tmpfs
 BOOT_TIMEOUT = 60
@@ -198,11 +201,12 @@ class TestHost:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, name: str, tree: Path):
+    def __init__(self, name: str, tree: Path, layer: Layer | None = None):
         self.name = name  # the host name inside, hence the agent's machine name
         # nspawn's name for it: unique per test process, so parallel test runs never share one
         self.machine = f"{name}-{os.getpid()}"
         self.tree = Path(tree)
+        self.layer = layer
         self.workdir: Path | None = None
         self.merged: Path | None = None  # the host's / as seen from outside
         self.console_log: Path | None = None
@@ -228,6 +232,8 @@ class TestHost:
         try:
             self._mount_overlay()
             self._boot()
+            if self.layer is not None:
+                self.layer.settle(self)
         except BaseException:
             self.stop()
             raise
@@ -236,8 +242,9 @@ class TestHost:
         upper, work, self.merged = (self.workdir / d for d in ("upper", "work", "merged"))
         for d in (upper, work, self.merged):
             d.mkdir()
+        lower = f"{self.layer.root}:{self.tree}" if self.layer else str(self.tree)  # the top one first
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={self.tree},upperdir={upper},workdir={work}",
+                        f"lowerdir={lower},upperdir={upper},workdir={work}",
                         str(self.merged)], check=True, capture_output=True, text=True)
         # Per-boot identity: the host name is the machine name (DESIGN: machineName default).
         self.write("/etc/hostname", self.name + "\n")
@@ -462,11 +469,14 @@ class TestHost:
         """Start the file server (HTTPS :8443, HTTP :8080) with a CA the host trusts."""
         if self._https_started:
             return
-        pki = self.workdir / "pki"
-        _make_test_pki(pki)
-        # Trusted system-wide: Debian's python3-requests uses the system bundle.
-        self.put(pki / "ca.crt", "/usr/local/share/ca-certificates/unbounded-agent-test-ca.crt")
-        self.run(["update-ca-certificates"])
+        if self.layer is not None:
+            pki = self.layer.pki  # its CA is trusted in the layer
+        else:
+            pki = self.workdir / "pki"
+            make_test_pki(pki)
+            # Trusted system-wide: Debian's python3-requests uses the system bundle.
+            self.put(pki / "ca.crt", TRUSTED_CA)
+            self.run(["update-ca-certificates"])
         self.put(pki / "server.crt", "/opt/testhost/tls/server.crt")
         self.put(pki / "server.key", "/opt/testhost/tls/server.key", mode=0o600)
         self.put(Path(__file__).with_name("https_server.py"), "/opt/testhost/https_server.py")
@@ -498,34 +508,10 @@ class TestHost:
         return self.https_url(name)
 
 
-def _make_test_pki(pki: Path) -> None:
-    """A throwaway CA and a server certificate for localhost and 127.0.0.1."""
-    pki.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-
-    def openssl(*args):
-        subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
-
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "7",
-            "-subj", "/CN=unbounded-agent test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    (pki / "server.ext").write_text(
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "7", "-extfile", "server.ext", "-out", "server.crt")
-
-
 @contextlib.contextmanager
-def boot_testhost(name: str = "testhost", tree: Path | None = None) -> Iterator[TestHost]:
-    """Boot a fresh test host from tree (default: the cached tree, built if missing)."""
-    host = TestHost(name, tree or testhost_tree.build_tree())
+def boot_testhost(name: str = "testhost", tree: Path | None = None, layer: Layer | None = None) -> Iterator[TestHost]:
+    """Boot a fresh test host from tree (default: the cached tree, built if missing), with layer above it."""
+    host = TestHost(name, tree or testhost_tree.build_tree(), layer)
     host.start()
     try:
         yield host

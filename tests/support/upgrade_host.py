@@ -1,6 +1,7 @@
 """AgentUpgrade on a test host: what a user runs and what the tests look at.
 
-    prepare(host, deb)           install the .deb, write a config with short probation bounds, start HTTPS
+    prepare(host)                on a host with the .deb installed (testhost_factory(installed=True)): a config
+                                 with short probation bounds, daemon-reload, HTTPS
     upgrade(host, url, "--wait") `unbounded-agent upgrade ...` (a CompletedProcess, never raising)
     request_id(r)                the request id the CLI printed ("upgrade <id> queued")
     result(host, id)             the dispatcher's result for request id (results/<id>.json), or None
@@ -46,8 +47,7 @@ def wait_until(what: str, fn, timeout: float = SETTLE_SECONDS, poll: float = 0.2
     return waiting.wait_until(what, fn, timeout, poll)
 
 
-def prepare(host, deb, config: str = TEST_CONFIG) -> None:
-    host.install_deb(deb)
+def prepare(host, config: str = TEST_CONFIG) -> None:
     host.write(CONFIG, config)
     host.run(["systemctl", "daemon-reload"])  # as README says: the units follow the config (the generator)
     host.start_https()
