@@ -42,5 +42,5 @@ def test_a_reset_whose_dispatcher_is_killed_completes_on_its_own(agent_host, hel
     assert fx.items - fx.gone(snap) == set()
     assert fx.decoys - fx.kept(snap) == set()
     assert not checkpoint_exists(host)
-    log = wait_until("the dispatcher's log", lambda: journal_of(host, DISPATCH))
-    assert f"reset {id} (request {id}, from cli): going on after an interruption (attempt 2)" in log
+    line = f"reset {id} (request {id}, from cli): going on after an interruption (attempt 2)"
+    wait_until(f"{line!r} in the dispatcher's journal", lambda: line in journal_of(host, DISPATCH), timeout=60)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import systemd
 from ..config import Config
 from ..records import STATE_RETRY_SECONDS
-from .record import UpgradeRecord
+
+if TYPE_CHECKING:  # the generator reads the timeouts here at every daemon-reload: no record code for it
+    from .record import UpgradeRecord
 
 STEPS = ("stage", "preflight", "switch")
 PROBATION_UNIT = "unbounded-upgrade-probation.service"
