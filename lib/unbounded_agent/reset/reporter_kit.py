@@ -44,8 +44,8 @@ def held_for(directory: str | os.PathLike) -> str | None:
         return None
 
 
-def hold(directory: str | os.PathLike, run_id: str, config_file: str, read_root: str = "/") -> str:
-    """Keep the config at config_file (read under read_root) and its kubeconfig for run_id; what was done, in
+def hold(directory: str | os.PathLike, run_id: str, config_file: str, under=lambda path: path) -> str:
+    """Keep the config at config_file (read at under(path): a step's Context.p) and its kubeconfig for run_id; what was done, in
     words. Kept once per run: a run resumed after its originals are gone keeps its first copy. OSError or
     ValueError when the originals cannot be read or the copy cannot be written."""
     import yaml
@@ -54,7 +54,6 @@ def hold(directory: str | os.PathLike, run_id: str, config_file: str, read_root:
 
     if held_for(directory) == run_id:
         return "the config and credentials for the report are kept already"
-    under = (lambda p: p) if read_root == "/" else (lambda p: os.path.join(read_root, p.lstrip("/")))
     try:
         with open(under(config_file), "rb") as f:
             doc = config.parse(f.read(), config_file)

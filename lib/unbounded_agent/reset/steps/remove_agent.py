@@ -186,7 +186,7 @@ class RemoveAgent(Step):
         if not ctx.directory or not rec.run_id:
             return
         try:
-            rec.note(reporter_kit.hold(ctx.directory, rec.run_id, ctx.config_path, read_root=ctx.root))
+            rec.note(reporter_kit.hold(ctx.directory, rec.run_id, ctx.config_path, under=ctx.p))
         except (OSError, ValueError, OpsError) as e:
             rec.note(f"cannot keep the config and credentials for the report ({describe_error(e)}): if the daemon "
                      "stops before it reports, this reset is reported by the next agent installed here")
