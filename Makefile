@@ -102,9 +102,10 @@ check: venv
 
 # Test files run side by side (pytest-xdist), each file whole on one worker: its module's test hosts and
 # servers stay with it. Every test host has its own overlay, network namespace, machine name and cgroup
-# (testhost.py). Host tests mostly wait on systemd, so more workers than cores pay. Files are handed out in
-# collection order: the longest measured first (tests/conftest.py), then host, package and unit files.
-TEST_WORKERS ?= 4
+# (testhost.py). Host tests mostly wait on systemd, so more workers than cores pay: on 2 cores six did best
+# (four left a fifth of the CPU idle; eight spent more of it on contention and took longer). Files are handed
+# out in collection order: the longest measured first (tests/conftest.py), then host, package and unit files.
+TEST_WORKERS ?= 6
 TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # The test-host tree is built first, outside the test run: its package downloads are set-up, not test traffic.
 test: venv deb rpm testhost-tree

@@ -38,7 +38,9 @@ _own_namespace = OwnNamespaceWatch()
 
 
 def pytest_sessionstart(session):
-    _own_namespace.start()
+    # Only where tests run: an xdist controller runs none, and each worker watches its own children.
+    if hasattr(session.config, "workerinput") or session.config.getoption("dist", "no") == "no":
+        _own_namespace.start()
 
 
 @pytest.fixture(autouse=True)

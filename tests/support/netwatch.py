@@ -104,9 +104,13 @@ def _comm(pid: int) -> str:
 
 class OwnNamespaceWatch(threading.Thread):
     """Samples private_sockets() until stopped — this process every period, its children (a scan of /proc)
-    every tenth time — and take() returns (and forgets) what it saw."""
+    every second time — and take() returns (and forgets) what it saw, after a last sample of both.
 
-    def __init__(self, period: float = 0.1):
+    Each sample costs the kernel a walk of its whole socket hash tables (a few ms, whatever the namespace
+    holds): at ten a second in every test process that was a seventh of the suite's CPU. Half a second still
+    sees every connection a test keeps open for longer, and take() samples once more as each test ends."""
+
+    def __init__(self, period: float = 0.5):
         super().__init__(name="own-namespace-watch", daemon=True)
         self.period = period
         self.stopped = threading.Event()
@@ -117,7 +121,7 @@ class OwnNamespaceWatch(threading.Thread):
         n = 0
         while not self.stopped.wait(self.period):
             n += 1
-            self.sample(children=n % 10 == 0)
+            self.sample(children=n % 2 == 0)
 
     def sample(self, children: bool = True) -> None:
         try:
