@@ -62,8 +62,8 @@ def test_a_claim_interrupted_by_sigkill_is_run_by_the_next_dispatcher(host):
     killed = wait_held(host, OPS, "dispatch-claimed")
     assert any(f.endswith(f"-{rid}.claimed") for f in queue_files(host))
     unhold(host, DISPATCH)
-    release(host, OPS, "dispatch-claimed")  # the marker goes; the process is killed before it notices
-    host.run(["kill", "-9", str(killed)])
+    host.run(["kill", "-9", str(killed)])  # still waiting at its hold point: the marker goes only after
+    release(host, OPS, "dispatch-claimed")
     res = wait_result(host, rid)
     assert res["succeeded"] and res["attempts"] == 2, res
     assert look(host)["current"] == before["last_good"]

@@ -25,6 +25,7 @@ import json
 import random
 import time
 
+import holds
 import upgrade_host as uh
 from waiting import wait_until
 
@@ -166,8 +167,8 @@ def agent_present(host) -> bool:
 
 
 def clear_holds(host) -> None:
-    sh(host, "rm -f /run/systemd/system/*.d/50-test-hold.conf; "
-             f"rm -rf {uh.STATE}/test-hold {uh.OPS}/test-hold {RESET_DIR}/test-hold; systemctl daemon-reload")
+    holds.clear(host)
+    sh(host, f"rm -rf {uh.STATE}/test-hold {uh.OPS}/test-hold {RESET_DIR}/test-hold")
 
 
 class Matrix:
@@ -213,6 +214,7 @@ class Matrix:
 
     def _power(self) -> None:
         self.host.power_cycle(hard=True)  # the release server is a unit of the host's that starts at boot
+        holds.clear(self.host)  # the manager that had them armed is gone
         if self.kube is not None:
             self.kube.net.plug(self.host)
 

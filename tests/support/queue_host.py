@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 
+from holds import hold, unhold  # noqa: F401  (re-exported: the tests take them from here)
 from waiting import wait_until
 
 OPS = "/var/lib/unbounded-agent-ops"
@@ -60,20 +61,6 @@ def queue_files(host) -> list[str]:
 def unit_show(host, unit: str, props: str = "ActiveState,SubState,Result,MainPID") -> dict:
     out = host.run(["systemctl", "show", unit, "-p", props]).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def hold(host, unit: str, point: str) -> None:
-    """Make the program of unit (a unit or template name) pause at a named hold point."""
-    # /run is the host's own tmpfs (not visible from outside): write the drop-in from inside
-    host.run(["mkdir", "-p", f"/run/systemd/system/{unit}.d"])
-    host.run(["sh", "-c", f"printf '[Service]\\nEnvironment=UNBOUNDED_AGENT_TEST_HOLD={point}\\n' > "
-                          f"/run/systemd/system/{unit}.d/50-test-hold.conf"])
-    host.run(["systemctl", "daemon-reload"])
-
-
-def unhold(host, unit: str) -> None:
-    host.run(["rm", "-rf", f"/run/systemd/system/{unit}.d"])
-    host.run(["systemctl", "daemon-reload"])
 
 
 def wait_held(host, directory: str, point: str, timeout: float = 120) -> int:

@@ -21,7 +21,9 @@ import json
 import re
 import subprocess
 
+import holds
 import waiting
+from holds import hold, unhold  # noqa: F401  (re-exported: the tests take them from here)
 
 BIN = "/var/lib/unbounded-agent/bin"
 STATE = "/var/lib/unbounded-agent"
@@ -166,23 +168,6 @@ def journal(host, *units: str, lines: int = 300) -> str:
 
 # -- hold points and kills -------------------------------------------------------------------------
 
-HOLD_DROPIN = "/run/systemd/system/{unit}.d/50-test-hold.conf"
-
-
-def hold(host, unit_glob: str, point: str) -> None:
-    """Make the step of unit (a unit or template name, e.g. unbounded-upgrade-stage@.service) pause at
-    point: it writes <state>/test-hold/<point> and waits until that file is removed (or it is killed)."""
-    host.run(["mkdir", "-p", f"/run/systemd/system/{unit_glob}.d"])
-    host.run(["sh", "-c", f"printf '[Service]\\nEnvironment=UNBOUNDED_AGENT_TEST_HOLD={point}\\n' > "
-                          + HOLD_DROPIN.format(unit=unit_glob)])
-    host.run(["systemctl", "daemon-reload"])
-
-
-def unhold(host, unit_glob: str) -> None:
-    host.run(["rm", "-rf", f"/run/systemd/system/{unit_glob}.d"])
-    host.run(["systemctl", "daemon-reload"])
-
-
 def wait_held(host, point: str, timeout: float = 120) -> int:
     marker = host.path(f"{STATE}/test-hold/{point}")
     wait_until(f"a step to reach hold point {point}", marker.exists, timeout)
@@ -196,6 +181,7 @@ def release_hold(host, point: str) -> None:
 def power_cycle(host) -> None:
     """A power loss (TestHost.power_cycle), then the release server again: it died with the host."""
     host.power_cycle(hard=True)
+    holds.clear(host)  # the manager that had them armed is gone
     host.start_https()
 
 
