@@ -89,3 +89,27 @@ def test_a_failed_delete_is_fine_only_if_the_link_is_gone(monkeypatch):
     gone = Refusing([])  # e.g. a veth whose peer's deletion took it along
     monkeypatch.setattr(netlinks, "_ipr", lambda: gone)
     netlinks.remove(netlinks.Link(2, "wg51820", None))
+
+
+def test_rtnetlink_loads_iproute_without_pyroute2s_package_code_and_leaves_a_whole_import_possible():
+    """In a fresh interpreter, as a step starts: the class and constants come without pyroute2/__init__.py (which
+    imports every module pyroute2 registers, NDB among them); afterwards `import pyroute2` still runs it whole and
+    hands out the same class."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lib = Path(__file__).resolve().parents[2] / "lib"
+    script = (
+        "import sys\n"
+        "from unbounded_agent.reset import netlinks\n"
+        "IPRoute, netlink, rtnl = netlinks.rtnetlink()\n"
+        "lean = ('pyroute2' in sys.modules, 'pyroute2.ndb.main' in sys.modules)\n"
+        "with IPRoute() as ipr:\n"
+        "    names = [m.get_attr('IFLA_IFNAME') for m in ipr.get_links()]\n"
+        "import pyroute2\n"
+        "print(lean, 'lo' in names, rtnl.RTM_DELRULE, netlink.NLM_F_ACK, pyroute2.IPRoute is IPRoute,\n"
+        "      'pyroute2.ndb.main' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.split() == ["(False,", "False)", "True", "33", "4", "True", "True"], out.stdout + out.stderr

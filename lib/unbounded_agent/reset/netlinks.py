@@ -41,10 +41,36 @@ def wg_table(name: str) -> int | None:
     return int(m.group(1)) if m and WG_FIRST <= int(m.group(1)) <= WG_LAST else None
 
 
-def _ipr():
-    from pyroute2 import IPRoute
+def rtnetlink():
+    """pyroute2's IPRoute class and its netlink and rtnl constant modules, imported without running
+    pyroute2/__init__.py where it has not run yet: that reads the entry points of every installed distribution
+    and imports each module pyroute2 lists there (NDB, IPDB, nftables, ethtool, ...), twice the modules and
+    about half the start of a step that reads the links, none of it used here. A bare package module stands in
+    while the three load, then goes: a later ``import pyroute2`` runs it whole. A pyroute2 whose modules need
+    it gets it."""
+    import importlib
+    import importlib.util
+    import sys
 
-    return IPRoute()
+    names = ("pyroute2.iproute.linux", "pyroute2.netlink", "pyroute2.netlink.rtnl")
+    spec = importlib.util.find_spec("pyroute2") if "pyroute2" not in sys.modules else None
+    if spec is not None and spec.submodule_search_locations:
+        stub = sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+        try:
+            linux, netlink, rtnl = (importlib.import_module(n) for n in names)
+            return linux.IPRoute, netlink, rtnl
+        except ImportError:  # loaded again below, with the package's own code first
+            for name in [m for m in sys.modules if m.startswith("pyroute2.")]:
+                del sys.modules[name]
+        finally:
+            if sys.modules.get("pyroute2") is stub:
+                del sys.modules["pyroute2"]
+    linux, netlink, rtnl = (importlib.import_module(n) for n in names)
+    return linux.IPRoute, netlink, rtnl
+
+
+def _ipr():
+    return rtnetlink()[0]()
 
 
 def list_links() -> list[Link]:

@@ -19,6 +19,7 @@ import os
 import socket
 
 from ..reasons import OpsError, Reason, describe_error
+from .netlinks import rtnetlink
 
 TABLE_FIRST, TABLE_LAST = 51820, 51899
 FAMILIES: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
@@ -66,9 +67,7 @@ def _table_of(msg, attr: str) -> int:
 
 
 def _ipr():
-    from pyroute2 import IPRoute
-
-    return IPRoute()
+    return rtnetlink()[0]()
 
 
 def inventory(link_names: dict[int, str] | None = None, tables=None) -> list[Entry]:
@@ -148,13 +147,11 @@ def _clone(msg):
 
 def remove(entry: Entry) -> None:
     """Delete one rule or route. An error counts as success only if a new inventory shows it gone."""
-    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-    from pyroute2.netlink.rtnl import RTM_DELROUTE, RTM_DELRULE
-
-    msg_type = RTM_DELRULE if entry.kind == "rule" else RTM_DELROUTE
+    _, netlink, rtnl = rtnetlink()
+    msg_type = rtnl.RTM_DELRULE if entry.kind == "rule" else rtnl.RTM_DELROUTE
     try:
         with _ipr() as ipr:
-            ipr.nlm_request(_clone(entry.msg), msg_type=msg_type, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+            ipr.nlm_request(_clone(entry.msg), msg_type=msg_type, msg_flags=netlink.NLM_F_REQUEST | netlink.NLM_F_ACK)
         return
     except Exception as e:
         error = e
