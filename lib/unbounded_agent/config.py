@@ -8,7 +8,6 @@ import dataclasses
 import math
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +138,7 @@ def _build(data: dict, source: str) -> Config:
         if types[0] in (int, float):
             _check_number(source, key, value)
         values[attr] = value
-    values["machine_name"] = values.get("machine_name") or socket.gethostname()
+    values["machine_name"] = values.get("machine_name") or os.uname().nodename  # gethostname(), without importing socket
     values["bin_dir"] = Path(values.get("bin_dir", DEFAULT_BIN_DIR))
     values["state_dir"] = Path(values.get("state_dir", DEFAULT_STATE_DIR))
     values.setdefault("kubeconfig", None)

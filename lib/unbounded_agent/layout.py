@@ -9,7 +9,6 @@ Links hold bare slot names (relative targets), so a link is valid exactly when t
 """
 
 import os
-import subprocess
 from pathlib import Path
 
 from . import fsutil
@@ -88,6 +87,7 @@ class Layout:
 
 def binary_version(path: str | os.PathLike, timeout: float = 10.0) -> str | None:
     """Ask a binary for its version (`<path> version`); None when it cannot say."""
+    import subprocess  # here: of the programs that read the layout, few ask a binary anything
     try:
         out = subprocess.run([str(path), "version"], capture_output=True, text=True, timeout=timeout, check=True)
     except (OSError, subprocess.SubprocessError):

@@ -33,14 +33,14 @@ GATE_LOG_SECONDS = 60.0
 
 def main(argv: list[str] | None = None) -> int:
     program.parser("unbounded-agent-dispatch", __doc__).parse_args(argv)
-    preload()
     return program.run("unbounded-agent-dispatch", run, config=False)
 
 
 def preload() -> None:
     """Import now everything a run may need: a package upgrade that replaces the library while this
     dispatcher runs an operation must not hand it half old and half new modules (it finishes with the code
-    it started with; the next dispatcher runs the new one)."""
+    it started with; the next dispatcher runs the new one). Called once a request is claimed: a dispatcher
+    started with nothing to do (at boot, after the last request) exits without importing it all."""
     from .. import config, layout, urls  # noqa: F401
     from ..reset import api as reset_api  # noqa: F401
     from ..reset.steps import all_steps
@@ -70,6 +70,7 @@ def run(spool: Spool | None = None) -> None:
         entry = spool.claimed() or spool.claim_next()
         if entry is None:
             return
+        preload()
         path, req = entry
         if req is None or req.kind not in KINDS:
             rid = path.name.split("-", 1)[1].rsplit(".", 1)[0]

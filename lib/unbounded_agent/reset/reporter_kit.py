@@ -11,7 +11,6 @@ kubeconfig is kept: without one there is no cluster to report to."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from .. import fsutil
@@ -83,6 +82,8 @@ def release(directory: str | os.PathLike) -> bool:
     kit = kit_dir(directory)
     if not os.path.lexists(kit):
         return False
+    import shutil  # here: of the programs that import this, only the one that releases the copy removes a tree
+
     shutil.rmtree(kit)
     fsutil.fsync_dir(kit.parent)
     return True

@@ -22,7 +22,6 @@ that lives 15 s is rolled back on its third crash, about 40 s after the first.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 
 from .. import layout, log, records, systemd
 from . import record
@@ -170,6 +169,8 @@ def journal_lines(unit: str, since_epoch: float | None, lines: int = JOURNAL_LIN
                   invocation: str | None = None) -> list[str]:
     """The last lines the failed run of the unit wrote (its invocation when known, else everything since
     the switch), then systemd's last words about it (exit status)."""
+    import subprocess  # here: the exit hook and the dispatcher import this module; few runs read the journal
+
     def query(*match: str, n: int) -> list[str]:
         args = ["journalctl", "--no-pager", "-q", "-o", "cat", "-n", str(n), *match]
         if since_epoch:

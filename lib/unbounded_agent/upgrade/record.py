@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import os
 import time
 from dataclasses import field
@@ -252,6 +251,8 @@ class RollbackSignal:
 
 
 def file_digest(path: str | os.PathLike) -> str:
+    import hashlib  # here: most programs that read the record never hash
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -14,7 +14,6 @@ import contextlib
 import errno
 import os
 import struct
-import tempfile
 import time
 import typing
 
@@ -160,6 +159,8 @@ def _scratch_file(directory) -> typing.Iterator[typing.BinaryIO]:
     """An unnamed temp file (O_TMPFILE): the kernel frees it whatever kills us. Its close never raises: the
     file is discarded, and the flush of a full disk's last buffered bytes must not replace the error that
     stopped the download (InsufficientSpace) with a bare OSError."""
+    import tempfile  # here: switch, preflight and resume import this module for restore_last_good only
+
     f = tempfile.TemporaryFile(dir=directory, prefix=".archive-")
     try:
         yield f
