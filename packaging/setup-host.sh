@@ -11,7 +11,7 @@ packages=(
   # the agent's runtime dependencies (the venv uses them through system site-packages)
   python3-pystemd python3-pyroute2 python3-requests python3-kubernetes python3-systemd python3-yaml
   # the systemd test host
-  systemd-container debootstrap openssl iproute2 util-linux
+  systemd-container mmdebstrap openssl iproute2 util-linux
   # a btrfs /var/lib/machines for the reset tests (a loop-mounted image)
   btrfs-progs
 )

@@ -93,7 +93,7 @@ def testhost_unavailable_reason() -> str | None:
     tools = {"systemd-nspawn": "systemd-container", "nsenter": "util-linux",
              "unshare": "util-linux", "openssl": "openssl", "mount": "mount"}
     if testhost_tree.cached_tree() is None:
-        tools["debootstrap"] = "debootstrap"  # only to build the tree
+        tools["mmdebstrap"] = "mmdebstrap"  # only to build the tree
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         packages = " ".join(sorted({tools[t] for t in missing}))

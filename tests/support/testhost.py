@@ -11,7 +11,7 @@ between the two. The host has a private network namespace (only `lo`, no DNS)
 and its own systemd 252 as PID 1; commands run inside with nsenter, so no host
 systemd or D-Bus is needed.
 
-Needs root, systemd-nspawn (package systemd-container), debootstrap, openssl and
+Needs root, systemd-nspawn (package systemd-container), mmdebstrap, openssl and
 overlayfs. Files are exchanged through the overlay's merged directory; note that
 nspawn mounts fresh file systems on /tmp, /run, /dev, /proc and /sys inside the
 host, so those are not visible from outside (path() refuses them; use run()).
