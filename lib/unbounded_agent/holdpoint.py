@@ -1,8 +1,8 @@
 """Crash-point injection for the test host: a step pauses at a named point so a test can kill it there.
 
-When ``UNBOUNDED_AGENT_TEST_HOLD`` (set by a test's unit drop-in) names the point, the step announces it
-in ``<dir>/test-hold/<point>`` and waits until that file is removed (or the step is killed). Otherwise
-it costs one environment lookup.
+When ``UNBOUNDED_AGENT_TEST_HOLD`` (a comma-separated list a test puts in the manager's environment with
+``systemctl set-environment``) names the point, the step announces it in ``<dir>/test-hold/<point>`` and
+waits until that file is removed (or the step is killed). Otherwise it costs one environment lookup.
 """
 
 import os
