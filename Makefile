@@ -108,7 +108,9 @@ check: venv
 TEST_WORKERS ?= 6
 TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # The test-host tree is built first, outside the test run: its package downloads are set-up, not test traffic.
-test: venv deb rpm testhost-tree
+# It builds beside the packages (a download and a dpkg run against two package builds: one core each).
+test: venv
+	$(MAKE) testhost-tree & tree=$$!; $(MAKE) deb rpm; packages=$$?; wait $$tree && [ $$packages = 0 ]
 	UNBOUNDED_TESTS_DEB_FRESH=1 $(VPY) -m pytest $(TEST_PARALLEL) tests/host tests/package tests/unit
 
 test-fast: venv
